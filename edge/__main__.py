@@ -1,0 +1,5 @@
+"""`python -m edge` runs the CLI."""
+
+from edge.cli import main
+
+raise SystemExit(main())

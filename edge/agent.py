@@ -1,0 +1,180 @@
+"""The composition root: builds every component and owns their lifetimes."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import logging
+import os
+import signal
+import time
+from collections.abc import Callable
+from typing import IO, Any
+
+from edge import __version__
+from edge.api import ApiServer
+from edge.errors import EdgeError
+from edge.outbox import Outbox
+from edge.rates import RateMeter
+from edge.settings import Settings
+from edge.telemetry import Telemetry
+from edge.uplink import Uplink
+
+__all__ = ["Agent"]
+
+log = logging.getLogger("edge.agent")
+
+
+class Agent:
+    """One agent process: outbox, uplink, socket API and telemetry."""
+
+    def __init__(self, settings: Settings, *, clock: Callable[[], float] = time.time) -> None:
+        self.settings = settings
+        self.node = settings.node.id
+        self.boot = clock()
+        data_dir = settings.node.data_dir
+        self.outbox = Outbox(data_dir / "outbox.db", self.node, settings.queue, clock=clock)
+        self.uplink = Uplink(settings.uplink, self.node, self.outbox, boot=self.boot, clock=clock)
+        self.telemetry = Telemetry(settings.telemetry.interval, data_dir, self._submit_telemetry)
+        self.api = ApiServer(
+            settings.api.socket,
+            max_line=settings.api.max_line_bytes,
+            submit=self._submit,
+            handlers={"status": self._status, "queue": self._queue},
+        )
+        self.rates = RateMeter()
+        self._stop = asyncio.Event()
+        self._lock: IO[str] | None = None
+
+    # ---- running -----------------------------------------------------------
+
+    async def run(self) -> None:
+        """Run until SIGTERM/SIGINT or `stop()`; shut down in order."""
+        self._lock_data_dir()
+        try:
+            await self.outbox.open()
+            await self.api.start()
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, self.stop)
+            log.info(
+                "edge %s running as node %s (data %s, socket %s, uplink %s)",
+                __version__, self.node, self.settings.node.data_dir, self.settings.api.socket,
+                self.settings.uplink.url or "none",
+            )
+            async with asyncio.TaskGroup() as tg:
+                tasks = [
+                    tg.create_task(self.outbox.run(), name="outbox"),
+                    tg.create_task(self.uplink.run(), name="uplink"),
+                    tg.create_task(self.telemetry.run(), name="telemetry"),
+                    tg.create_task(self.rates.run(self.outbox), name="rates"),
+                ]
+                await self._stop.wait()
+                log.info("stopping")
+                await self.api.close()
+                await self.uplink.close()
+                for task in tasks:
+                    task.cancel()
+        finally:
+            await self.api.close()
+            await self.outbox.close()
+            self._unlock_data_dir()
+            log.info("stopped")
+
+    def stop(self) -> None:
+        """Ask the agent to shut down (idempotent)."""
+        self._stop.set()
+
+    def _lock_data_dir(self) -> None:
+        data_dir = self.settings.node.data_dir
+        try:
+            data_dir.mkdir(parents=True, exist_ok=True)
+            fh = open(data_dir / "agent.lock", "a+")
+        except OSError as exc:
+            raise EdgeError(f"data dir {data_dir}: {exc.strerror}") from exc
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as exc:
+            fh.close()
+            raise EdgeError(f"another agent is already using the data dir {data_dir}") from exc
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"{os.getpid()}\n")
+        fh.flush()
+        self._lock = fh
+
+    def _unlock_data_dir(self) -> None:
+        if self._lock is not None:
+            with contextlib.suppress(OSError):
+                self._lock.close()
+            self._lock = None
+
+    # ---- ingress -------------------------------------------------------------
+
+    def _submit(
+        self, topic: str, data: Any, ct: str, prio: int, ttl: float | None
+    ) -> tuple[int, str, asyncio.Future[None]]:
+        env, committed = self.outbox.submit(topic, data, ct, prio, ttl)
+        return env.seq, env.id.hex(), committed
+
+    async def _submit_telemetry(self, metrics: dict[str, object]) -> None:
+        ts = metrics.get("ts")
+        await self.outbox.put(
+            "telemetry", metrics, "application/cbor", ts=ts if isinstance(ts, float) else None,
+            route="telemetry",
+        )
+
+    # ---- socket API ops ------------------------------------------------------------
+
+    async def _queue_view(self) -> dict[str, Any]:
+        stats = await self.outbox.stats()
+        return {
+            "depth": stats.depth,
+            "bytes": stats.bytes,
+            "oldest_age": stats.oldest_age,
+            "dropped": stats.dropped,
+            "expired": stats.expired,
+            "dead": stats.dead,
+            "accepted": self.outbox.accepted_total,
+            "sent": self.outbox.sent_total,
+            "rate_in": self.rates.rate_in,
+            "rate_out": self.rates.rate_out,
+        }
+
+    async def _status(self, req: dict[str, Any]) -> dict[str, Any]:
+        up = self.uplink.snapshot()
+        return {
+            "ok": True,
+            "node": self.node,
+            "version": __version__,
+            "boot": self.boot,
+            "uplink": {
+                "state": up.state, "since": up.since, "url": up.url, "connects": up.connects,
+                "last_error": up.last_error, "inflight": up.inflight,
+            },
+            "queue": await self._queue_view(),
+            "telemetry": {
+                "interval": self.settings.telemetry.interval,
+                "samples": self.telemetry.samples,
+                "last_sample_ts": self.telemetry.last_sample_ts,
+            },
+            "api": {"rejected": dict(self.api.rejected), "connections": self.api.connections},
+        }
+
+    async def _queue(self, req: dict[str, Any]) -> dict[str, Any]:
+        view = await self._queue_view()
+        view.update({
+            "ok": True,
+            "max_bytes": self.settings.queue.max_bytes,
+            "on_full": self.settings.queue.on_full,
+            "by_priority": {str(p): n for p, n in self.outbox.by_priority().items()},
+            "dead_letters": await self.outbox.dead_letters(),
+        })
+        return view
+
+
+def run_agent(settings: Settings) -> None:
+    """Run an agent in a fresh event loop until it is told to stop."""
+    asyncio.run(Agent(settings).run())
+

@@ -1,0 +1,248 @@
+"""The local socket API: newline-delimited JSON over a unix socket.
+
+Requests on one connection are answered in order, but a client may send
+many before reading: publishes are handed to the outbox as they arrive and
+answered as their group commit lands, so a pipelining client gets batching.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import contextlib
+import json
+import logging
+import os
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from edge.errors import EdgeError, EnvelopeError, QueueFull, RequestError, StorageError
+
+__all__ = ["ApiServer", "Handler", "Submit", "parse_publish"]
+
+log = logging.getLogger("edge.api")
+
+Handler = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
+# Queues a message and returns (seq, id, future that resolves once it is committed).
+Submit = Callable[[str, Any, str, int, float | None], tuple[int, str, "asyncio.Future[None]"]]
+
+_MAX_TOPIC = 1024
+_PIPELINE_DEPTH = 4096  # answers a connection may owe before we stop reading it
+
+
+def parse_publish(req: dict[str, Any]) -> tuple[str, Any, str, int, float | None]:
+    """Validate a publish request: (topic, data, ct, prio, ttl), or RequestError."""
+    topic = req.get("topic")
+    if not isinstance(topic, str) or not topic:
+        raise RequestError("bad_request", "publish needs 'topic', a non-empty string")
+    if len(topic) > _MAX_TOPIC or "\0" in topic:
+        raise RequestError("bad_request", f"'topic' must be under {_MAX_TOPIC} characters")
+    if "+" in topic or "#" in topic or topic.startswith("/") or topic.startswith("$"):
+        raise RequestError(
+            "bad_request", f"'topic' {topic!r} may not hold '+', '#' or start with '/' or '$'"
+        )
+    if "data" in req and "data_b64" in req:
+        raise RequestError("bad_request", "give 'data' or 'data_b64', not both")
+    data: Any
+    if "data_b64" in req:
+        if not isinstance(req["data_b64"], str):
+            raise RequestError("bad_request", "'data_b64' must be a base64 string")
+        try:
+            data = base64.b64decode(req["data_b64"], validate=True)
+        except (binascii.Error, ValueError) as exc:
+            raise RequestError("bad_request", f"'data_b64' is not valid base64: {exc}") from exc
+        default_ct = "application/octet-stream"
+    else:
+        data = req.get("data", "")
+        if not isinstance(data, str):
+            raise RequestError("bad_request", "'data' must be a string (use 'data_b64' for bytes)")
+        default_ct = "text/plain"
+    ct = req.get("ct", default_ct)
+    if not isinstance(ct, str) or not ct or len(ct) > 255:
+        raise RequestError("bad_request", "'ct' must be a non-empty string under 256 characters")
+    prio = req.get("prio", 0)
+    if not isinstance(prio, int) or isinstance(prio, bool):
+        raise RequestError("bad_request", "'prio' must be an integer")
+    ttl = req.get("ttl")
+    if ttl is not None and (
+        not isinstance(ttl, (int, float)) or isinstance(ttl, bool) or ttl < 0 or ttl != ttl
+    ):
+        raise RequestError("bad_request", "'ttl' must be a non-negative number of seconds")
+    return topic, data, ct, prio, None if not ttl else float(ttl)
+
+
+def _error(code: str, message: str) -> dict[str, Any]:
+    return {"ok": False, "error": {"code": code, "message": message}}
+
+
+class ApiServer:
+    """Serve the socket API; `publish` goes to `submit`, other ops to `handlers`."""
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        max_line: int,
+        submit: Submit,
+        handlers: dict[str, Handler],
+    ) -> None:
+        self.path = path
+        self.max_line = max_line
+        self._submit = submit
+        self._handlers = handlers
+        self._server: asyncio.Server | None = None
+        self.rejected: dict[str, int] = {}
+        self._logged_at: dict[str, float] = {}
+        self.connections = 0
+
+    async def start(self) -> None:
+        """Bind the socket (mode 0660); a stale socket file is replaced."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self.path.exists() or self.path.is_symlink():
+            if await _answers(self.path):
+                raise EdgeError(f"another agent is already serving {self.path}")
+            self.path.unlink()
+        old = os.umask(0o117)
+        try:
+            self._server = await asyncio.start_unix_server(
+                self._serve, path=str(self.path), limit=self.max_line
+            )
+        finally:
+            os.umask(old)
+        os.chmod(self.path, 0o660)
+
+    async def close(self) -> None:
+        """Stop accepting and remove the socket file. Safe to call twice."""
+        if self._server is not None:
+            self._server.close()
+            self._server = None
+            with contextlib.suppress(FileNotFoundError):
+                self.path.unlink()
+
+    def _reject(self, code: str, message: str) -> dict[str, Any]:
+        self.rejected[code] = self.rejected.get(code, 0) + 1
+        now = time.monotonic()
+        if now - self._logged_at.get(code, -1e9) > 60:
+            self._logged_at[code] = now
+            log.warning("socket API rejected a request (%s): %s", code, message)
+        return _error(code, message)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        answers: asyncio.Queue[Awaitable[dict[str, Any]] | None] = asyncio.Queue(_PIPELINE_DEPTH)
+        try:
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(self._write_answers(answers, writer))
+                await self._read_requests(reader, answers)
+        except* (ConnectionError, BrokenPipeError):
+            pass
+        finally:
+            self.connections -= 1
+            writer.close()
+            with contextlib.suppress(ConnectionError, BrokenPipeError):
+                await writer.wait_closed()
+
+    async def _read_requests(
+        self, reader: asyncio.StreamReader, answers: asyncio.Queue[Awaitable[dict[str, Any]] | None]
+    ) -> None:
+        try:
+            while True:
+                try:
+                    line = await reader.readuntil(b"\n")
+                except asyncio.LimitOverrunError:
+                    await _discard_line(reader, self.max_line)
+                    await answers.put(_done(self._reject(
+                        "too_long", f"request line is over {self.max_line} bytes")))
+                    continue
+                except asyncio.IncompleteReadError as exc:
+                    if exc.partial.strip():
+                        await answers.put(self._dispatch(exc.partial))
+                    return
+                if line.strip():
+                    await answers.put(self._dispatch(line))
+        finally:
+            await answers.put(None)
+
+    async def _write_answers(
+        self,
+        answers: asyncio.Queue[Awaitable[dict[str, Any]] | None],
+        writer: asyncio.StreamWriter,
+    ) -> None:
+        while (pending := await answers.get()) is not None:
+            answer = await pending
+            writer.write(json.dumps(answer, separators=(",", ":")).encode() + b"\n")
+            if answers.empty():
+                await writer.drain()
+
+    def _dispatch(self, line: bytes) -> Awaitable[dict[str, Any]]:
+        """Parse a line and start serving it; the answer is awaited in order."""
+        try:
+            req = json.loads(line)
+        except (ValueError, UnicodeDecodeError) as exc:
+            return _done(self._reject("bad_json", f"request is not JSON: {exc}"))
+        if not isinstance(req, dict):
+            return _done(self._reject("bad_request", "request must be a JSON object"))
+        op = req.get("op")
+        if op == "publish":
+            # Queued now, answered when its commit lands: pipelined requests share commits.
+            try:
+                seq, msg_id, committed = self._submit(*parse_publish(req))
+            except RequestError as exc:
+                return _done(self._reject(exc.code, str(exc)))
+            except QueueFull as exc:
+                return _done(self._reject("queue_full", str(exc)))
+            except EnvelopeError as exc:
+                code = "too_large" if "exceeds" in str(exc) else "bad_request"
+                return _done(self._reject(code, str(exc)))
+            return self._await_commit(seq, msg_id, committed)
+        handler = self._handlers.get(op) if isinstance(op, str) else None
+        if handler is None:
+            return _done(self._reject("unknown_op", f"unknown op {op!r}"))
+        return self._do(handler, req)
+
+    async def _await_commit(
+        self, seq: int, msg_id: str, committed: asyncio.Future[None]
+    ) -> dict[str, Any]:
+        try:
+            await committed
+        except StorageError as exc:
+            return self._reject(getattr(exc, "code", "storage_error"), str(exc))
+        return {"ok": True, "seq": seq, "id": msg_id}
+
+    async def _do(self, handler: Handler, req: dict[str, Any]) -> dict[str, Any]:
+        try:
+            return await handler(req)
+        except RequestError as exc:
+            return self._reject(exc.code, str(exc))
+        except EdgeError as exc:
+            return self._reject("failed", str(exc))
+
+
+def _done(answer: dict[str, Any]) -> Awaitable[dict[str, Any]]:
+    fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+    fut.set_result(answer)
+    return fut
+
+
+async def _discard_line(reader: asyncio.StreamReader, chunk: int) -> None:
+    """Skip the rest of an over-long line, up to and including its newline."""
+    while True:
+        try:
+            await reader.readuntil(b"\n")
+            return
+        except asyncio.LimitOverrunError as exc:
+            await reader.readexactly(exc.consumed)
+        except asyncio.IncompleteReadError:
+            return
+
+
+async def _answers(path: Path) -> bool:
+    try:
+        _, writer = await asyncio.wait_for(asyncio.open_unix_connection(str(path)), 1.0)
+    except (OSError, TimeoutError):
+        return False
+    writer.close()
+    return True

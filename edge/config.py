@@ -1,0 +1,331 @@
+"""Load Settings from a TOML file and command-line flags, naming the key in every error."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import tomllib
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
+
+from edge.errors import ConfigError
+from edge.nodeid import default_node_id, validate_node_id
+from edge.settings import (
+    ApiSettings,
+    DiscoverySettings,
+    LocalSettings,
+    NodeSettings,
+    QueueSettings,
+    Settings,
+    TelemetrySettings,
+    UplinkSettings,
+)
+from edge.units import parse_duration, parse_size
+
+__all__ = [
+    "DEFAULT_CONFIG",
+    "default_data_dir",
+    "default_socket_path",
+    "load_settings",
+    "parse_mqtt_url",
+]
+
+DEFAULT_CONFIG = Path("/etc/edge/agent.toml")
+
+log = logging.getLogger("edge.config")
+
+T = TypeVar("T")
+# A parser takes a raw TOML value and returns the settings value, or raises
+# ValueError("expected ..., got ..."); the loader adds the file and key.
+# Any, because the table below, not the type checker, pairs a parser with its
+# field: each returns the type of the dataclass field it is named after.
+Parser = Callable[[Any], Any]
+Values = dict[str, dict[str, Any]]
+
+_DEFAULT_PORTS = {"mqtt": 1883, "mqtts": 8883}
+_PROFILE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+
+
+def parse_mqtt_url(url: str) -> tuple[str, str, int]:
+    """Split "mqtt://host[:port]" or "mqtts://host[:port]" into (scheme, host, port)."""
+    expected = f"expected mqtt://host[:port] or mqtts://host[:port], got {_show(url)}"
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:  # a port that is not a number from 0 to 65535
+        raise ValueError(expected) from None
+    if (
+        parts.scheme not in _DEFAULT_PORTS
+        or not parts.hostname
+        or parts.username is not None
+        or parts.path not in ("", "/")
+        or parts.query
+        or parts.fragment
+        or port == 0
+    ):
+        raise ValueError(expected)
+    return parts.scheme, parts.hostname, port or _DEFAULT_PORTS[parts.scheme]
+
+
+def default_data_dir() -> Path:
+    """Return /var/lib/edge for root, else $XDG_STATE_HOME/edge (~/.local/state/edge)."""
+    if os.geteuid() == 0:
+        return Path("/var/lib/edge")
+    state = os.environ.get("XDG_STATE_HOME", "")
+    # The XDG spec says to ignore a relative path.
+    base = Path(state) if os.path.isabs(state) else Path.home() / ".local" / "state"
+    return base / "edge"
+
+
+def default_socket_path() -> Path:
+    """Return /run/edge/agent.sock for root, else $XDG_RUNTIME_DIR/edge/agent.sock."""
+    if os.geteuid() == 0:
+        return Path("/run/edge/agent.sock")
+    runtime = os.environ.get("XDG_RUNTIME_DIR", "")
+    if os.path.isabs(runtime):
+        return Path(runtime) / "edge" / "agent.sock"
+    return Path(f"/tmp/edge-{os.getuid()}/agent.sock")
+
+
+def load_settings(
+    path: Path | None,
+    *,
+    uplink: str | None = None,
+    data_dir: str | Path | None = None,
+    node_id: str | None = None,
+    must_exist: bool = False,
+) -> Settings:
+    """Return Settings from the file at `path` (None: defaults), overridden by the flags."""
+    document, source = _read(path, must_exist)
+    values = _parse_document(document, source)
+    flags = (
+        ("--uplink", "uplink", "url", uplink),
+        ("--data-dir", "node", "data_dir", None if data_dir is None else os.fspath(data_dir)),
+        ("--node-id", "node", "id", node_id),
+    )
+    for flag, section, key, value in flags:
+        if value is not None:
+            try:
+                values.setdefault(section, {})[key] = _SECTIONS[section][key](value)
+            except ValueError as exc:
+                raise ConfigError(f"{flag}: {exc}") from exc
+    return _build(values, source)
+
+
+# -- value parsers -----------------------------------------------------------
+
+
+def _show(value: object) -> str:
+    # JSON quoting keeps a message on one line even when the value holds a newline.
+    return json.dumps(value, ensure_ascii=False, default=str)
+
+
+def _text(value: Any) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"expected a string, got {_show(value)}")
+    return value
+
+
+def _boolean(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"expected true or false, got {_show(value)}")
+    return value
+
+
+def _path(value: Any) -> Path:
+    if not isinstance(value, str) or not value or "\0" in value:
+        raise ValueError(f"expected a path, got {_show(value)}")
+    return Path(value).expanduser()
+
+
+def _integer(low: int, high: int) -> Parser:
+    def parse(value: Any) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise ValueError(f"expected an integer from {low} to {high}, got {_show(value)}")
+        return value
+
+    return parse
+
+
+def _choice(*options: str) -> Parser:
+    def parse(value: Any) -> str:
+        if not isinstance(value, str) or value not in options:
+            wanted = " or ".join(_show(option) for option in options)
+            raise ValueError(f"expected {wanted}, got {_show(value)}")
+        return value
+
+    return parse
+
+
+def _checked(parse: Callable[[Any], T], expected: str, ok: Callable[[T], bool]) -> Parser:
+    """Parse with `parse`, then refuse a parsed value that `ok` rejects."""
+
+    def parse_checked(value: Any) -> T:
+        parsed = parse(value)
+        if not ok(parsed):
+            raise ValueError(f"expected {expected}, got {_show(value)}")
+        return parsed
+
+    return parse_checked
+
+
+def _mqtt_url(value: Any) -> str:
+    url = _text(value)
+    if url:  # "" means no broker
+        parse_mqtt_url(url)
+    return url
+
+
+def _is_prefix(prefix: str) -> bool:
+    return bool(prefix) and not (set(prefix) & set("+#\0")) and prefix.strip("/") == prefix
+
+
+def _is_topic_filter(topic: str) -> bool:
+    levels = topic.split("/")
+    whole = all(("+" not in lv and "#" not in lv) or lv in ("+", "#") for lv in levels)
+    return bool(topic) and whole and "#" not in levels[:-1] and "\0" not in topic
+
+
+def _topic_filters(value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(
+        isinstance(topic, str) and _is_topic_filter(topic) for topic in value
+    ):
+        raise ValueError(f'expected a list of topic filters like ["sensors/#"], got {_show(value)}')
+    return tuple(value)
+
+
+def _positive(seconds: float) -> bool:
+    return seconds > 0
+
+
+# (section, key) -> parser. Keys are the field names of the section's dataclass.
+_SECTIONS: dict[str, dict[str, Parser]] = {
+    "node": {
+        "id": validate_node_id,  # "auto" is valid and resolved in _build
+        "profile": _checked(_text, 'a profile name like "generic-arm64" or "auto"',
+                            lambda name: _PROFILE.fullmatch(name) is not None),
+        "data_dir": _path,
+    },
+    "uplink": {
+        "url": _mqtt_url,
+        "prefix": _checked(_text, 'a topic prefix like "edge/v1" without "+", "#" '
+                           'or a leading or trailing "/"', _is_prefix),
+        # MQTT carries keepalive as a 16-bit number of seconds.
+        "keepalive": _checked(parse_duration, "a duration from 1s to 65535s",
+                              lambda seconds: 1 <= seconds <= 65535),
+        "inflight": _integer(1, 1000),
+        "heartbeat": _checked(parse_duration, "a duration above 0s", _positive),
+        "protocol": _choice("5", "3.1.1"),
+        "backoff_initial": _checked(parse_duration, "a duration above 0s", _positive),
+        "backoff_max": _checked(parse_duration, "a duration above 0s", _positive),
+        "connect_timeout": _checked(parse_duration, "a duration above 0s", _positive),
+        # MQTT 5 carries session expiry as a 32-bit number of seconds.
+        "session_expiry": _checked(parse_duration, "a duration up to 4294967295s",
+                                   lambda seconds: seconds <= 0xFFFFFFFF),
+        "refused_limit": _integer(1, 1000),
+    },
+    "queue": {
+        "max_bytes": _checked(parse_size, 'a size above 0 like "256MiB"', _positive),
+        "on_full": _choice("drop-oldest", "reject"),
+        "default_ttl": parse_duration,
+        "durability": _choice("off", "normal", "full"),
+        "commit_interval": parse_duration,
+        "max_message_bytes": _checked(parse_size, 'a size above 0 like "1MiB"', _positive),
+    },
+    "local": {
+        "url": _mqtt_url,
+        "forward": _topic_filters,
+    },
+    "api": {
+        "socket": _path,
+        "max_line_bytes": _checked(parse_size, 'a size above 0 like "1MiB"', _positive),
+    },
+    "telemetry": {
+        "interval": parse_duration,
+    },
+    "discovery": {
+        "enabled": _boolean,
+    },
+}
+
+_KNOWN_SECTIONS = ", ".join(sorted([*_SECTIONS, "services"]))
+
+
+# -- loading -----------------------------------------------------------------
+
+
+def _read(path: Path | None, must_exist: bool) -> tuple[dict[str, Any], str]:
+    """Return the parsed TOML document at `path` and its name for messages."""
+    if path is None:
+        return {}, "<defaults>"
+    try:
+        with path.open("rb") as file:
+            return tomllib.load(file), str(path)
+    except FileNotFoundError:
+        if path == DEFAULT_CONFIG and not must_exist:
+            return {}, "<defaults>"
+        raise ConfigError(f"config {path}: no such file") from None
+    except OSError as exc:
+        raise ConfigError(f"config {path}: cannot read: {exc.strerror or exc}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config {path}: not valid TOML: {' '.join(str(exc).split())}") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config {path}: not valid TOML: not UTF-8 text") from exc
+
+
+def _parse_document(document: dict[str, Any], source: str) -> Values:
+    """Parse every key of the document, or raise ConfigError naming the first bad one."""
+    values: Values = {}
+    for section, table in document.items():
+        where = f"config {source}: [{section}]"
+        if section == "services":
+            _check_services(table, where)
+            continue
+        parsers = _SECTIONS.get(section)
+        if parsers is None:
+            raise ConfigError(f"{where}: unknown section (known: {_KNOWN_SECTIONS})")
+        if not isinstance(table, dict):
+            raise ConfigError(f"{where}: expected a table, got {_show(table)}")
+        for key, value in table.items():
+            parse = parsers.get(key)
+            if parse is None:
+                known = ", ".join(sorted(parsers))
+                raise ConfigError(f"{where} {key}: unknown key (known: {known})")
+            try:
+                values.setdefault(section, {})[key] = parse(value)
+            except ValueError as exc:
+                raise ConfigError(f"{where} {key}: {exc}") from exc
+    return values
+
+
+def _check_services(table: Any, where: str) -> None:
+    if not isinstance(table, dict):
+        raise ConfigError(f"{where}: expected [services.NAME] tables, got {_show(table)}")
+    for name, service in table.items():
+        if not isinstance(service, dict):
+            raise ConfigError(f"{where} {name}: expected a table, got {_show(service)}")
+    if table:
+        log.warning("%s: service supervision is not implemented in this version; ignoring %s",
+                    where, ", ".join(table))
+
+
+def _build(values: Values, source: str) -> Settings:
+    """Lay the parsed values over the defaults."""
+    node = replace(NodeSettings(id="auto", data_dir=default_data_dir()), **values.get("node", {}))
+    if node.id == "auto":
+        node = replace(node, id=default_node_id())
+    return Settings(
+        node=node,
+        uplink=replace(UplinkSettings(), **values.get("uplink", {})),
+        queue=replace(QueueSettings(), **values.get("queue", {})),
+        local=replace(LocalSettings(), **values.get("local", {})),
+        api=replace(ApiSettings(socket=default_socket_path()), **values.get("api", {})),
+        telemetry=replace(TelemetrySettings(), **values.get("telemetry", {})),
+        discovery=replace(DiscoverySettings(), **values.get("discovery", {})),
+        source=source,
+    )

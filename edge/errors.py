@@ -1,0 +1,62 @@
+"""Exceptions raised by edge.
+
+Every error the project raises on purpose derives from ``EdgeError``::
+
+    EdgeError
+    ├── ConfigError          a config file, flag or value is wrong
+    ├── EnvelopeError        a CBOR envelope could not be built or decoded
+    ├── StorageError         the outbox database failed
+    │   └── QueueFull        the outbox is full and on_full = "reject"
+    ├── RequestError         a socket API request is malformed or refused
+    ├── UplinkError          the MQTT connection failed or was refused
+    └── AgentNotRunning      a client found no agent at the socket path
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "AgentNotRunning",
+    "ConfigError",
+    "EdgeError",
+    "EnvelopeError",
+    "QueueFull",
+    "RequestError",
+    "StorageError",
+    "UplinkError",
+]
+
+
+class EdgeError(Exception):
+    """Root of every error edge raises on purpose."""
+
+
+class ConfigError(EdgeError):
+    """A configuration file, flag or value is not valid."""
+
+
+class EnvelopeError(EdgeError):
+    """An envelope could not be built or decoded."""
+
+
+class StorageError(EdgeError):
+    """The outbox database failed."""
+
+
+class QueueFull(StorageError):
+    """The outbox is at `[queue] max_bytes` and the policy is to reject."""
+
+
+class RequestError(EdgeError):
+    """A socket API request is malformed or cannot be served."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class UplinkError(EdgeError):
+    """The MQTT uplink failed or the broker refused something."""
+
+
+class AgentNotRunning(EdgeError):
+    """No agent answers at the socket path."""

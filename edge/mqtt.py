@@ -1,0 +1,282 @@
+"""A thin adapter that turns paho-mqtt into awaitables on the asyncio loop.
+
+paho's network loop is driven by the event loop itself (reader/writer
+callbacks on the socket, as aiomqtt does), so callbacks run on the loop
+thread and publishing costs no thread hand-off. Each connection object is
+used once: the uplink builds a new one for every attempt.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+
+from edge.errors import UplinkError
+
+__all__ = ["Connack", "MqttConnection", "PublishResult", "publish_packet_size"]
+
+log = logging.getLogger("edge.mqtt")
+
+
+@dataclass(frozen=True, slots=True)
+class Connack:
+    """What the broker told us when it accepted the connection."""
+
+    session_present: bool
+    max_packet_size: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class PublishResult:
+    """The broker's answer to one QoS1 publish."""
+
+    ok: bool
+    reason: str
+
+
+def _varint_len(n: int) -> int:
+    size = 1
+    while n >= 128:
+        n //= 128
+        size += 1
+    return size
+
+
+def publish_packet_size(topic: str, payload: bytes, *, v5: bool, qos: int = 1) -> int:
+    """Bytes a PUBLISH packet takes on the wire (no properties)."""
+    remaining = 2 + len(topic.encode()) + (2 if qos else 0) + (1 if v5 else 0) + len(payload)
+    return 1 + _varint_len(remaining) + remaining
+
+
+class MqttConnection:
+    """One MQTT connection to one broker, from CONNECT to its end."""
+
+    def __init__(
+        self,
+        *,
+        host: str,
+        port: int,
+        client_id: str,
+        keepalive: float,
+        v5: bool = True,
+        session_expiry: float = 0,
+        will: tuple[str, bytes] | None = None,
+        max_inflight: int = 100,
+        connect_timeout: float = 10.0,
+    ) -> None:
+        self.host = host
+        self.port = port
+        self.v5 = v5
+        self.keepalive = keepalive
+        self.session_expiry = session_expiry
+        self._loop = asyncio.get_running_loop()
+        self._loop_thread = threading.get_ident()
+        self._client = paho.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=client_id,
+            protocol=paho.MQTTv5 if v5 else paho.MQTTv311,
+            clean_session=None if v5 else False,
+        )
+        self._client.connect_timeout = connect_timeout
+        self._client.max_inflight_messages_set(max_inflight)
+        self._client.max_queued_messages_set(0)
+        if will is not None:
+            self._client.will_set(will[0], will[1], qos=1, retain=True)
+        self._client.on_connect = self._on_connect
+        self._client.on_disconnect = self._on_disconnect
+        self._client.on_publish = self._on_publish
+        self._client.on_socket_open = self._on_socket_open
+        self._client.on_socket_close = self._on_socket_close
+        self._client.on_socket_register_write = self._on_register_write
+        self._client.on_socket_unregister_write = self._on_unregister_write
+        self._connack: asyncio.Future[Connack] = self._loop.create_future()
+        self._closed: asyncio.Future[str] = self._loop.create_future()
+        self._pending: dict[int, Callable[[PublishResult], None]] = {}
+        self._sock: Any = None
+        self._misc: asyncio.TimerHandle | None = None
+        self.last_inbound = time.monotonic()
+        self._probe_sent_at: float | None = None
+
+    # ---- paho callbacks: all of them only hand results to futures ---------------
+
+    def _in_loop(self, fn: Callable[[], None]) -> None:
+        if threading.get_ident() == self._loop_thread:
+            fn()
+        else:
+            self._loop.call_soon_threadsafe(fn)
+
+    def _on_socket_open(self, client: paho.Client, userdata: Any, sock: Any) -> None:
+        def attach() -> None:
+            self._sock = sock
+            self._loop.add_reader(sock, self._readable)
+            self._schedule_misc()
+        self._in_loop(attach)
+
+    def _on_socket_close(self, client: paho.Client, userdata: Any, sock: Any) -> None:
+        def detach() -> None:
+            self._loop.remove_reader(sock)
+            self._loop.remove_writer(sock)
+            self._sock = None
+        self._in_loop(detach)
+
+    def _on_register_write(self, client: paho.Client, userdata: Any, sock: Any) -> None:
+        self._in_loop(lambda: self._loop.add_writer(sock, self._writable))
+
+    def _on_unregister_write(self, client: paho.Client, userdata: Any, sock: Any) -> None:
+        def detach() -> None:
+            self._loop.remove_writer(sock)
+        self._in_loop(detach)
+
+    def _readable(self) -> None:
+        self.last_inbound = time.monotonic()
+        self._probe_sent_at = None
+        self._client.loop_read(max_packets=100)
+
+    def _writable(self) -> None:
+        self._client.loop_write()
+
+    def _schedule_misc(self) -> None:
+        self._misc = self._loop.call_later(1.0, self._run_misc)
+
+    def _run_misc(self) -> None:
+        if self._closed.done():
+            return
+        self._client.loop_misc()
+        self._schedule_misc()
+
+    def _on_connect(
+        self, client: paho.Client, userdata: Any, flags: Any, rc: ReasonCode,
+        props: Properties | None,
+    ) -> None:
+        if self._connack.done():
+            return
+        if rc.is_failure:
+            self._connack.set_exception(UplinkError(f"broker refused the connection: {rc}"))
+            return
+        max_size = getattr(props, "MaximumPacketSize", None) if props is not None else None
+        self._connack.set_result(Connack(bool(flags.session_present), max_size))
+
+    def _on_disconnect(
+        self, client: paho.Client, userdata: Any, flags: Any, rc: ReasonCode,
+        props: Properties | None,
+    ) -> None:
+        reason = "closed by the broker" if flags.is_disconnect_packet_from_server else str(rc)
+        if not self._connack.done():
+            self._connack.set_exception(UplinkError(f"connection lost before CONNACK: {reason}"))
+        if not self._closed.done():
+            self._closed.set_result(reason)
+        if self._misc is not None:
+            self._misc.cancel()
+
+    def _on_publish(
+        self, client: paho.Client, userdata: Any, mid: int, rc: ReasonCode, props: Properties
+    ) -> None:
+        done = self._pending.pop(mid, None)
+        if done is not None:
+            done(PublishResult(not rc.is_failure, "" if not rc.is_failure else str(rc)))
+
+    # ---- the awaitable surface ---------------------------------------------
+
+    async def connect(self, timeout: float) -> Connack:
+        """Open the TCP connection and wait for the CONNACK."""
+        props = None
+        if self.v5:
+            props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+            props.SessionExpiryInterval = int(self.session_expiry)
+        try:
+            async with asyncio.timeout(timeout):
+                # paho connects with a blocking socket call (DNS, TCP): keep it off the loop.
+                await asyncio.to_thread(
+                    self._client.connect, self.host, self.port,
+                    keepalive=max(1, round(self.keepalive)), clean_start=False, properties=props,
+                )
+                return await asyncio.shield(self._connack)
+        except (OSError, TimeoutError) as exc:
+            self.abort()
+            why = str(exc) or "timed out"
+            raise UplinkError(f"cannot connect to {self.host}:{self.port}: {why}") from exc
+        except UplinkError:
+            self.abort()
+            raise
+
+    def send(
+        self,
+        topic: str,
+        payload: bytes,
+        done: Callable[[PublishResult], None],
+        *,
+        retain: bool = False,
+    ) -> bool:
+        """Send a QoS1 PUBLISH; `done` is called on the loop with the broker's PUBACK.
+
+        Returns False (and never calls `done`) when the connection cannot take it.
+        """
+        info = self._client.publish(topic, payload, qos=1, retain=retain)
+        if info.rc != paho.MQTT_ERR_SUCCESS:
+            return False
+        self._pending[info.mid] = done
+        return True
+
+    def publish(
+        self, topic: str, payload: bytes, *, retain: bool = False
+    ) -> asyncio.Future[PublishResult]:
+        """Send a QoS1 PUBLISH; the future resolves on its PUBACK."""
+        fut: asyncio.Future[PublishResult] = self._loop.create_future()
+
+        def done(result: PublishResult) -> None:
+            if not fut.done():
+                fut.set_result(result)
+
+        if not self.send(topic, payload, done, retain=retain):
+            fut.set_result(PublishResult(False, "not sent: the connection is closing"))
+        return fut
+
+    @property
+    def closed(self) -> asyncio.Future[str]:
+        """Resolves with a reason when the connection has ended."""
+        return self._closed
+
+    def probe(self) -> None:
+        """Ask the broker for a sign of life (PINGREQ) unless one is already out."""
+        if self._probe_sent_at is None and not self._closed.done():
+            self._probe_sent_at = time.monotonic()
+            # paho only pings after a whole keepalive of silence; the uplink wants to
+            # know sooner, so it asks for the ping itself (paho has no public call).
+            self._client._send_pingreq()
+
+    def abort(self, reason: str = "aborted") -> None:
+        """Drop the connection at once, without a DISCONNECT (the peer may be gone)."""
+        sock: Any = self._client.socket()
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            self._readable()  # let paho see the EOF and run its close path
+        if not self._closed.done():
+            self._closed.set_result(reason)
+        if self._misc is not None:
+            self._misc.cancel()
+
+    async def disconnect(self, timeout: float = 2.0) -> None:
+        """Say goodbye with a DISCONNECT and wait briefly for the socket to close."""
+        if self._closed.done():
+            return
+        self._client.disconnect()
+        try:
+            async with asyncio.timeout(timeout):
+                await asyncio.shield(self._closed)
+        except TimeoutError:
+            self.abort("disconnect timed out")

@@ -1,0 +1,630 @@
+"""The durable outbox: every accepted message lives here until the broker PUBACKs it.
+
+Rows are keyed so that SQLite's own rowid order is the send order: the
+priority band sits in the high bits (higher priority, smaller band) and the
+per-node sequence number in the low 48 bits. Reading the next batch is then a
+range scan of the table itself, with no second index to keep up to date.
+
+All writes (new messages, acknowledged deletes, dead letters, expiry) go
+through one writer that commits whatever has gathered since its last commit
+in one transaction, in one trip to its thread: a burst costs a few fsyncs,
+not one per message. Reads go through a second connection (aiosqlite) that
+only ever sees committed rows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import sqlite3
+import time
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import aiosqlite
+
+from edge.envelope import Envelope, new_message_id
+from edge.errors import EnvelopeError, QueueFull, StorageError
+from edge.settings import QueueSettings
+
+__all__ = ["PRIO_MAX", "PRIO_MIN", "OutRow", "Outbox", "QueueStats"]
+
+log = logging.getLogger("edge.outbox")
+
+T = TypeVar("T")
+
+PRIO_MIN = -1000
+PRIO_MAX = 1000
+_SEQ_BITS = 48
+_SEQ_MASK = (1 << _SEQ_BITS) - 1
+_SEQ_RESERVE = 100_000  # seq numbers reserved in the side file at a time
+_SQLITE_CORRUPT = 11
+_SQLITE_NOTADB = 26
+_SWEEP_EVERY = 5.0  # seconds between expiry sweeps
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS outbox (
+    k INTEGER PRIMARY KEY,      -- (PRIO_MAX - prio) << 48 | seq
+    ts REAL NOT NULL,
+    exp REAL,
+    topic TEXT NOT NULL,        -- route under the node's cloud topic
+    body BLOB NOT NULL          -- the CBOR envelope, exactly as published
+);
+CREATE INDEX IF NOT EXISTS outbox_exp ON outbox(exp) WHERE exp IS NOT NULL;
+CREATE TABLE IF NOT EXISTS dead (
+    seq INTEGER PRIMARY KEY,
+    ts REAL NOT NULL,
+    dead_ts REAL NOT NULL,
+    topic TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    body BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+"""
+
+
+def _key(prio: int, seq: int) -> int:
+    return ((PRIO_MAX - prio) << _SEQ_BITS) | seq
+
+
+@dataclass(frozen=True, slots=True)
+class OutRow:
+    """One stored message as the uplink sees it."""
+
+    key: int
+    topic: str  # the route under the node's cloud topic, e.g. "up/sensors/t"
+    body: bytes
+    exp: float | None
+
+    @property
+    def seq(self) -> int:
+        return self.key & _SEQ_MASK
+
+    @property
+    def prio(self) -> int:
+        return PRIO_MAX - (self.key >> _SEQ_BITS)
+
+
+@dataclass(frozen=True, slots=True)
+class QueueStats:
+    """A snapshot of the outbox counters."""
+
+    depth: int
+    bytes: int
+    oldest_age: float | None
+    dropped: int
+    expired: int
+    dead: int
+
+
+@dataclass
+class _Pending:
+    """Writes gathered for the next group commit."""
+
+    inserts: list[tuple[int, float, float | None, str, bytes]] = field(default_factory=list)
+    insert_bytes: int = 0
+    acks: list[OutRow] = field(default_factory=list)
+    dead: list[tuple[OutRow, str]] = field(default_factory=list)
+    expired: list[OutRow] = field(default_factory=list)
+    waiters: list[asyncio.Future[None]] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(self.inserts or self.acks or self.dead or self.expired)
+
+
+@dataclass(frozen=True, slots=True)
+class _Committed:
+    """What one transaction changed, for the in-memory counters."""
+
+    deleted: dict[int, int]  # key -> body bytes, rows that really left
+    evicted: dict[int, int]  # key -> body bytes, dropped to make room
+
+
+class Outbox:
+    """SQLite-backed queue of envelopes waiting for the uplink."""
+
+    def __init__(
+        self,
+        path: Path,
+        node: str,
+        settings: QueueSettings,
+        *,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.path = path
+        self.node = node
+        self.settings = settings
+        self._clock = clock
+        self._hwm_path = path.with_name(path.name + ".seq")
+        self._writer: sqlite3.Connection | None = None
+        self._thread: ThreadPoolExecutor | None = None
+        self._reader: aiosqlite.Connection | None = None
+        self._pending = _Pending()
+        self._wake = asyncio.Event()
+        self._more = asyncio.Event()
+        self._leased: set[int] = set()  # rows handed to the uplink and not yet gone
+        self._cursor = 0  # fetch reads keys above this
+        self._bands: dict[int, int] = {}  # priority band -> queued rows
+        self._next_seq = 1
+        self._reserved = 0
+        self._bytes = 0
+        self._dropped = 0
+        self._expired = 0
+        self._dead = 0
+        self.accepted_total = 0  # committed since this process started
+        self.sent_total = 0  # acknowledged and deleted since this process started
+        self.moved_aside: Path | None = None
+
+    # ---- lifecycle -------------------------------------------------------
+
+    async def open(self) -> None:
+        """Open (or create) the database; a corrupt file is moved aside, never fatal."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="outbox-writer")
+        try:
+            await self._open_db()
+        except sqlite3.DatabaseError as exc:
+            if getattr(exc, "sqlite_errorcode", None) not in (_SQLITE_CORRUPT, _SQLITE_NOTADB):
+                await self.close()
+                raise StorageError(f"outbox {self.path}: cannot open: {exc}") from exc
+            await self._close_db()
+            self.moved_aside = self._move_aside()
+            log.error(
+                "outbox %s is corrupt (%s); moved it to %s and started a fresh one",
+                self.path, exc, self.moved_aside,
+            )
+            try:
+                await self._open_db()
+            except sqlite3.Error as exc2:
+                await self.close()
+                raise StorageError(f"outbox {self.path}: cannot create: {exc2}") from exc2
+
+    async def _open_db(self) -> None:
+        await self._in_writer(self._open_writer)
+        self._reader = await aiosqlite.connect(self.path, isolation_level=None)
+        await self._reader.execute("PRAGMA cache_size=-2048")
+
+    def _open_writer(self) -> None:
+        db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        self._writer = db
+        sync = {"off": "OFF", "normal": "NORMAL", "full": "FULL"}[self.settings.durability]
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute(f"PRAGMA synchronous={sync}")
+        db.execute("PRAGMA journal_size_limit=67108864")
+        db.execute("PRAGMA cache_size=-2048")  # KiB: keep the page cache small
+        db.executescript(_SCHEMA)
+        # This scan reads every page of the table: corruption shows up here, at start.
+        rows = db.execute(
+            "SELECT k >> ?, count(*), sum(length(body)) FROM outbox GROUP BY 1", (_SEQ_BITS,)
+        ).fetchall()
+        self._bands = {band: n for band, n, _ in rows}
+        self._bytes = sum(size for _, _, size in rows)
+        self._dead = db.execute("SELECT count(*) FROM dead").fetchone()[0]
+        meta = {k: int(v) for k, v in db.execute("SELECT key, value FROM meta")}
+        self._dropped = meta.get("dropped", 0)
+        self._expired = meta.get("expired", 0)
+        # The side file covers a database that was lost or moved aside: seq never goes back.
+        self._next_seq = max(meta.get("next_seq", 1), self._read_hwm())
+        self._reserved = self._next_seq
+
+    def _read_hwm(self) -> int:
+        try:
+            return int(self._hwm_path.read_text().strip() or 1)
+        except (OSError, ValueError):
+            return 1
+
+    def _write_hwm(self, value: int) -> None:
+        tmp = self._hwm_path.with_name(self._hwm_path.name + ".tmp")
+        with open(tmp, "w") as fh:
+            fh.write(f"{value}\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, self._hwm_path)
+
+    def _move_aside(self) -> Path:
+        stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(self._clock()))
+        target = self.path.with_name(f"{self.path.name}.corrupt-{stamp}")
+        for suffix in ("", "-wal", "-shm"):
+            src = Path(str(self.path) + suffix)
+            if src.exists():
+                os.replace(src, Path(str(target) + suffix))
+        return target
+
+    async def _close_db(self) -> None:
+        if self._reader is not None:
+            reader, self._reader = self._reader, None
+            try:
+                await reader.close()
+            except sqlite3.Error:
+                log.exception("closing outbox reader %s", self.path)
+        if self._writer is not None:
+            writer = self._writer
+            self._writer = None
+            await self._in_writer(writer.close)
+
+    async def close(self) -> None:
+        """Commit what is pending and close the database. Safe to call twice."""
+        if self._writer is not None and self._pending:
+            batch = self._take()
+            try:
+                await self._commit(batch)
+            except StorageError:
+                log.exception("final commit of outbox %s failed", self.path)
+            _settle(batch.waiters, None)
+        await self._close_db()
+        if self._thread is not None:
+            self._thread.shutdown(wait=True)
+            self._thread = None
+
+    async def _in_writer(self, fn: Callable[..., T], *args: Any) -> T:
+        if self._thread is None:
+            raise StorageError(f"outbox {self.path} is not open")
+        return await asyncio.get_running_loop().run_in_executor(self._thread, fn, *args)
+
+    # ---- writer ------------------------------------------------------------
+
+    async def run(self) -> None:
+        """The single writer: commit whatever has gathered, again and again."""
+        sweep_at = time.monotonic() + _SWEEP_EVERY
+        while True:
+            try:
+                async with asyncio.timeout(_SWEEP_EVERY):
+                    await self._wake.wait()
+            except TimeoutError:
+                pass
+            self._wake.clear()
+            if self.settings.commit_interval > 0 and self._pending:
+                await asyncio.sleep(self.settings.commit_interval)
+            if time.monotonic() >= sweep_at:
+                sweep_at = time.monotonic() + _SWEEP_EVERY
+                await self._sweep_expired()
+            batch = self._take()
+            if not batch:
+                continue
+            try:
+                await self._commit(batch)
+            except StorageError as exc:
+                _settle(batch.waiters, exc)
+            else:
+                _settle(batch.waiters, None)
+
+    def _take(self) -> _Pending:
+        batch, self._pending = self._pending, _Pending()
+        return batch
+
+    def _queue_write(self) -> asyncio.Future[None]:
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._pending.waiters.append(fut)
+        self._wake.set()
+        return fut
+
+    async def _commit(self, batch: _Pending) -> None:
+        if self._next_seq > self._reserved:
+            self._reserved = self._next_seq + _SEQ_RESERVE
+            try:
+                await self._in_writer(self._write_hwm, self._reserved)
+            except OSError as exc:
+                raise _storage_error(self.path, exc) from exc
+        try:
+            done = await self._in_writer(self._write_batch, batch, self._clock())
+        except sqlite3.Error as exc:
+            raise _storage_error(self.path, exc) from exc
+        # The transaction is durable: bring the in-memory view up to date.
+        self._dropped += len(done.evicted)
+        self._expired += sum(r.key in done.deleted for r in batch.expired)
+        self._dead += len(batch.dead)
+        self.sent_total += sum(r.key in done.deleted for r in batch.acks)
+        self.accepted_total += len(batch.inserts)
+        self._bytes += batch.insert_bytes - sum(done.deleted.values()) - sum(done.evicted.values())
+        for row in (*batch.acks, *(r for r, _ in batch.dead), *batch.expired):
+            self._leased.discard(row.key)
+        for k in (*done.deleted, *done.evicted):
+            self._count_band(k, -1)
+        for k, *_ in batch.inserts:
+            self._count_band(k, +1)
+        if batch.inserts:
+            if batch.inserts[0][0] <= self._cursor or any(
+                k <= self._cursor for k, *_ in batch.inserts
+            ):
+                self._cursor = 0  # a higher priority arrived behind the read cursor
+            self._more.set()
+        if done.evicted:
+            log.warning(
+                "outbox full (%d bytes max): dropped the %d oldest messages",
+                self.settings.max_bytes, len(done.evicted),
+            )
+
+    def _write_batch(self, batch: _Pending, now: float) -> _Committed:
+        """One transaction, run in the writer thread."""
+        db = self._writer
+        assert db is not None
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            evicted = self._evict_for(db, batch.insert_bytes) if batch.inserts else {}
+            if batch.inserts:
+                db.executemany(
+                    "INSERT INTO outbox (k, ts, exp, topic, body) VALUES (?, ?, ?, ?, ?)",
+                    batch.inserts,
+                )
+            if batch.dead:
+                db.executemany(
+                    "INSERT OR REPLACE INTO dead (seq, ts, dead_ts, topic, reason, body)"
+                    " VALUES (?, ?, ?, ?, ?, ?)",
+                    [(r.seq, _ts_of(r), now, r.topic, why, r.body) for r, why in batch.dead],
+                )
+            gone = [r.key for r in (*batch.acks, *(r for r, _ in batch.dead), *batch.expired)]
+            deleted: dict[int, int] = {}
+            if gone:
+                # RETURNING tells which rows really went (an ack can race a re-send).
+                deleted = dict(db.execute(
+                    "DELETE FROM outbox WHERE k IN (SELECT value FROM json_each(?))"
+                    " RETURNING k, length(body)",
+                    (json.dumps(gone),),
+                ).fetchall())
+            expired = sum(r.key in deleted for r in batch.expired)
+            db.executemany(
+                "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
+                [
+                    ("next_seq", self._next_seq),
+                    ("dropped", self._dropped + len(evicted)),
+                    ("expired", self._expired + expired),
+                ],
+            )
+            db.execute("COMMIT")
+        except BaseException:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
+        return _Committed(deleted, evicted)
+
+    def _evict_for(self, db: sqlite3.Connection, incoming: int) -> dict[int, int]:
+        """Under drop-oldest, delete the oldest rows of the lowest priority to make room."""
+        need = self._bytes + incoming - self.settings.max_bytes
+        if need <= 0 or self.settings.on_full != "drop-oldest":
+            return {}
+        victims: dict[int, int] = {}
+        freed = 0
+        for band in sorted(self._bands, reverse=True):  # lowest priority first
+            start, end = band << _SEQ_BITS, (band + 1) << _SEQ_BITS
+            while freed < need:
+                rows = db.execute(
+                    "SELECT k, length(body) FROM outbox"
+                    " WHERE k >= ? AND k < ? ORDER BY k LIMIT 512",
+                    (start, end),
+                ).fetchall()
+                if not rows:
+                    break
+                for k, size in rows:
+                    start = k + 1
+                    if k in self._leased:
+                        continue  # on its way to the broker already
+                    victims[k] = size
+                    freed += size
+                    if freed >= need:
+                        break
+            if freed >= need:
+                break
+        if victims:
+            db.execute(
+                "DELETE FROM outbox WHERE k IN (SELECT value FROM json_each(?))",
+                (json.dumps(list(victims)),),
+            )
+        return victims
+
+    def _count_band(self, key: int, delta: int) -> None:
+        band = key >> _SEQ_BITS
+        left = self._bands.get(band, 0) + delta
+        if left > 0:
+            self._bands[band] = left
+        else:
+            self._bands.pop(band, None)
+
+    async def _sweep_expired(self) -> None:
+        """Queue expired rows for deletion, so they are counted while offline too."""
+        if self._reader is None:
+            return
+        try:
+            rows = await self._reader.execute_fetchall(
+                "SELECT k, topic, exp FROM outbox WHERE exp IS NOT NULL AND exp < ? LIMIT 10000",
+                (self._clock(),),
+            )
+        except sqlite3.Error as exc:
+            log.warning("expiry sweep of %s failed: %s", self.path, exc)
+            return
+        for k, topic, exp in rows:
+            if k not in self._leased:
+                self._leased.add(k)
+                self._pending.expired.append(OutRow(k, topic, b"", exp))
+
+    # ---- producers -------------------------------------------------------
+
+    async def put(
+        self,
+        topic: str,
+        data: Any,
+        ct: str,
+        prio: int = 0,
+        ttl: float | None = None,
+        *,
+        ts: float | None = None,
+        route: str | None = None,
+    ) -> Envelope:
+        """Accept one message: returns once it is committed to disk."""
+        env, committed = self.submit(topic, data, ct, prio, ttl, ts=ts, route=route)
+        await committed
+        return env
+
+    def submit(
+        self,
+        topic: str,
+        data: Any,
+        ct: str,
+        prio: int = 0,
+        ttl: float | None = None,
+        *,
+        ts: float | None = None,
+        route: str | None = None,
+    ) -> tuple[Envelope, asyncio.Future[None]]:
+        """Queue one message for the next group commit; the future resolves once durable.
+
+        `route` is where it goes under the node's cloud topic: `up/{topic}` unless given.
+        """
+        if not PRIO_MIN <= prio <= PRIO_MAX:
+            raise EnvelopeError(f"prio must be between {PRIO_MIN} and {PRIO_MAX}, got {prio}")
+        now = self._clock() if ts is None else ts
+        if ttl is None and self.settings.default_ttl > 0:
+            ttl = self.settings.default_ttl
+        exp = now + ttl if ttl else None
+        seq = self._next_seq
+        env = Envelope(
+            id=new_message_id(now), node=self.node, seq=seq, ts=now, topic=topic,
+            ct=ct, data=data, prio=prio, exp=exp,
+        )
+        body = env.encode()
+        size = len(body)
+        limit = min(self.settings.max_message_bytes, self.settings.max_bytes)
+        if size > limit:
+            raise EnvelopeError(f"message of {size} bytes exceeds the limit of {limit} bytes")
+        if self.settings.on_full == "reject":
+            if self._bytes + self._pending.insert_bytes + size > self.settings.max_bytes:
+                raise QueueFull(
+                    f"outbox is full ({self._bytes} of {self.settings.max_bytes} bytes,"
+                    " on_full = reject); the message was not accepted"
+                )
+        self._next_seq = seq + 1
+        route = f"up/{topic}" if route is None else route
+        self._pending.inserts.append((_key(prio, seq), now, exp, route, body))
+        self._pending.insert_bytes += size
+        return env, self._queue_write()
+
+    # ---- the uplink's side -------------------------------------------------
+
+    async def fetch(self, limit: int) -> list[OutRow]:
+        """Lease up to `limit` rows in send order; expired rows are dropped on the way."""
+        db = self._require_reader()
+        self._more.clear()
+        out: list[OutRow] = []
+        now = self._clock()
+        while len(out) < limit:
+            try:
+                rows = await db.execute_fetchall(
+                    "SELECT k, topic, body, exp FROM outbox WHERE k > ? ORDER BY k LIMIT ?",
+                    (self._cursor, limit - len(out) + len(self._leased)),
+                )
+            except sqlite3.Error as exc:
+                raise StorageError(f"outbox {self.path}: read failed: {exc}") from exc
+            if not rows:
+                break
+            for k, topic, body, exp in rows:
+                self._cursor = k
+                if k in self._leased:
+                    continue
+                row = OutRow(k, topic, body, exp)
+                self._leased.add(k)
+                if exp is not None and exp < now:
+                    self._pending.expired.append(row)
+                    self._wake.set()
+                    continue
+                out.append(row)
+                if len(out) >= limit:
+                    break
+        return out
+
+    async def wait_more(self) -> None:
+        """Wait until a commit adds rows (call after `fetch` came back short)."""
+        await self._more.wait()
+
+    def release(self, rows: Iterable[OutRow]) -> None:
+        """Give leased rows back unsent (the connection dropped): they go out again."""
+        for row in rows:
+            self._leased.discard(row.key)
+        self._cursor = 0
+        self._more.set()
+
+    def ack(self, rows: list[OutRow]) -> asyncio.Future[None]:
+        """Delete rows the broker acknowledged; the future resolves once committed."""
+        self._pending.acks.extend(rows)
+        return self._queue_write()
+
+    def dead_letter(self, row: OutRow, reason: str) -> asyncio.Future[None]:
+        """Move a row the broker refuses to the dead-letter table, with the reason."""
+        log.error("message seq %d (%s) dead-lettered: %s", row.seq, row.topic, reason)
+        self._pending.dead.append((row, reason))
+        return self._queue_write()
+
+    # ---- reading -----------------------------------------------------------
+
+    async def stats(self) -> QueueStats:
+        """Counters for `status` and `queue`."""
+        oldest: float | None = None
+        reader = self._require_reader()
+        for band in list(self._bands):
+            # The first row of each band is its oldest: a seek, not a scan.
+            rows = await reader.execute_fetchall(
+                "SELECT ts FROM outbox WHERE k >= ? ORDER BY k LIMIT 1", (band << _SEQ_BITS,)
+            )
+            for (ts,) in rows:
+                oldest = ts if oldest is None else min(oldest, ts)
+        return QueueStats(
+            depth=sum(self._bands.values()),
+            bytes=self._bytes,
+            oldest_age=None if oldest is None else max(0.0, self._clock() - oldest),
+            dropped=self._dropped,
+            expired=self._expired,
+            dead=self._dead,
+        )
+
+    def by_priority(self) -> dict[int, int]:
+        """Queued message count per priority, highest first."""
+        return {PRIO_MAX - band: n for band, n in sorted(self._bands.items())}
+
+    async def dead_letters(self, limit: int = 100) -> list[dict[str, Any]]:
+        """The newest dead letters, for `edge queue`."""
+        rows = await self._require_reader().execute_fetchall(
+            "SELECT seq, ts, dead_ts, topic, reason, length(body), body FROM dead"
+            " ORDER BY seq DESC LIMIT ?",
+            (limit,),
+        )
+        out = []
+        for seq, ts, dead_ts, route, reason, size, body in rows:
+            try:
+                env = Envelope.decode(body)
+                msg_id, topic = env.id.hex(), env.topic
+            except EnvelopeError:
+                msg_id, topic = None, route
+            out.append({"seq": seq, "id": msg_id, "topic": topic, "reason": reason,
+                        "ts": ts, "dead_ts": dead_ts, "bytes": size})
+        return out
+
+    def _require_reader(self) -> aiosqlite.Connection:
+        if self._reader is None:
+            raise StorageError(f"outbox {self.path} is not open")
+        return self._reader
+
+
+def _settle(waiters: list[asyncio.Future[None]], exc: BaseException | None) -> None:
+    for fut in waiters:
+        if not fut.done():
+            if exc is None:
+                fut.set_result(None)
+            else:
+                fut.set_exception(exc)
+
+
+def _storage_error(path: Path, exc: Exception) -> StorageError:
+    full = "full" in str(exc).lower() or getattr(exc, "errno", None) == 28
+    err = StorageError(f"outbox {path}: commit failed: {exc}")
+    err.code = "storage_full" if full else "storage_error"  # type: ignore[attr-defined]
+    return err
+
+
+def _ts_of(row: OutRow) -> float:
+    try:
+        return Envelope.decode(row.body).ts
+    except EnvelopeError:
+        return 0.0

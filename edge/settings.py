@@ -1,0 +1,83 @@
+"""Agent settings: frozen, validated values loaded once from TOML and flags."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+__all__ = [
+    "ApiSettings",
+    "DiscoverySettings",
+    "LocalSettings",
+    "NodeSettings",
+    "QueueSettings",
+    "Settings",
+    "TelemetrySettings",
+    "UplinkSettings",
+]
+
+
+@dataclass(frozen=True)
+class NodeSettings:
+    id: str
+    profile: str = "auto"
+    data_dir: Path = Path("/var/lib/edge")
+
+
+@dataclass(frozen=True)
+class UplinkSettings:
+    url: str = ""                      # "" = no cloud uplink
+    prefix: str = "edge/v1"
+    keepalive: float = 30.0            # seconds
+    inflight: int = 50
+    heartbeat: float = 60.0            # seconds between retained status refreshes
+    protocol: str = "5"                # "5" or "3.1.1"
+    backoff_initial: float = 0.5       # seconds
+    backoff_max: float = 60.0          # seconds
+    connect_timeout: float = 10.0      # seconds
+    session_expiry: float = 7 * 86400  # seconds the broker keeps our session
+    refused_limit: int = 3             # broker drops on one message before it is dead-lettered
+
+
+@dataclass(frozen=True)
+class QueueSettings:
+    max_bytes: int = 256 * 1024 * 1024
+    on_full: str = "drop-oldest"       # or "reject"
+    default_ttl: float = 0.0           # seconds, 0 = never expires
+    durability: str = "normal"         # SQLite synchronous: "off", "normal", "full"
+    commit_interval: float = 0.0       # seconds a commit waits to gather more (0: natural batching)
+    max_message_bytes: int = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class LocalSettings:
+    url: str = "mqtt://127.0.0.1:1883"
+    forward: tuple[str, ...] = ("#",)
+
+
+@dataclass(frozen=True)
+class ApiSettings:
+    socket: Path = Path("/run/edge/agent.sock")
+    max_line_bytes: int = 1024 * 1024 + 4096
+
+
+@dataclass(frozen=True)
+class TelemetrySettings:
+    interval: float = 60.0             # seconds, 0 = off
+
+
+@dataclass(frozen=True)
+class DiscoverySettings:
+    enabled: bool = True
+
+
+@dataclass(frozen=True)
+class Settings:
+    node: NodeSettings
+    uplink: UplinkSettings = field(default_factory=UplinkSettings)
+    queue: QueueSettings = field(default_factory=QueueSettings)
+    local: LocalSettings = field(default_factory=LocalSettings)
+    api: ApiSettings = field(default_factory=ApiSettings)
+    telemetry: TelemetrySettings = field(default_factory=TelemetrySettings)
+    discovery: DiscoverySettings = field(default_factory=DiscoverySettings)
+    source: str = "<defaults>"         # the file these came from, for messages

@@ -1,0 +1,58 @@
+"""Sizes ("256MiB") and durations ("30s") as people write them in config files."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+
+__all__ = ["parse_duration", "parse_size"]
+
+_SIZE_UNITS = {
+    "": 1,
+    "b": 1,
+    "kb": 1000,
+    "mb": 1000**2,
+    "gb": 1000**3,
+    "tb": 1000**4,
+    "kib": 1024,
+    "mib": 1024**2,
+    "gib": 1024**3,
+    "tib": 1024**4,
+}
+
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+_QUANTITY = re.compile(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]*)\s*")
+
+_SIZE_EXPECTED = 'expected a size like "256MiB"'
+_DURATION_EXPECTED = 'expected a duration like "30s"'
+
+
+def parse_size(text: str | int) -> int:
+    """Return the number of bytes in `text` ("256MiB", "10MB", "4096"); an int is bytes."""
+    if isinstance(text, int) and not isinstance(text, bool) and text >= 0:
+        return text
+    if isinstance(text, str):
+        match = _QUANTITY.fullmatch(text)
+        if match and match[2].lower() in _SIZE_UNITS:
+            return round(float(match[1]) * _SIZE_UNITS[match[2].lower()])
+    raise ValueError(f"{_SIZE_EXPECTED}, got {_show(text)}")
+
+
+def parse_duration(text: str | float) -> float:
+    """Return the seconds in `text` ("30s", "500ms", "7d"); a number is seconds."""
+    if isinstance(text, int | float) and not isinstance(text, bool):
+        if math.isfinite(text) and text >= 0:
+            return float(text)
+    elif isinstance(text, str):
+        match = _QUANTITY.fullmatch(text)
+        # A bare number string is refused: "30" could mean seconds or milliseconds.
+        if match and match[2] in _DURATION_UNITS:
+            return float(match[1]) * _DURATION_UNITS[match[2]]
+    raise ValueError(f"{_DURATION_EXPECTED}, got {_show(text)}")
+
+
+def _show(value: object) -> str:
+    # JSON quoting keeps a message on one line even when the value holds a newline.
+    return json.dumps(value, ensure_ascii=False, default=str)

@@ -1,0 +1,282 @@
+"""The uplink: moves rows from the outbox to the cloud broker, at least once.
+
+It owns the connection's lifetime (reconnect with backoff, keepalive
+watchdog, retained status and Last Will) and decides when a row may leave
+the outbox: only after the broker's PUBACK for it. At most `inflight` rows
+are unacknowledged (or acknowledged but not yet deleted) at any time, which
+also bounds the duplicates a crash can cause.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+
+import cbor2
+
+from edge.backoff import Backoff
+from edge.config import parse_mqtt_url
+from edge.errors import StorageError, UplinkError
+from edge.mqtt import MqttConnection, PublishResult, publish_packet_size
+from edge.outbox import Outbox, OutRow
+from edge.settings import UplinkSettings
+
+__all__ = ["Uplink", "UplinkState"]
+
+log = logging.getLogger("edge.uplink")
+
+
+@dataclass(frozen=True, slots=True)
+class UplinkState:
+    """What `edge status` shows of the uplink."""
+
+    state: str  # "online" / "offline"
+    since: float
+    url: str
+    connects: int
+    last_error: str | None
+    inflight: int
+
+
+class Uplink:
+    """Forward the outbox to `[uplink] url`, reconnecting for as long as it runs."""
+
+    def __init__(
+        self,
+        settings: UplinkSettings,
+        node: str,
+        outbox: Outbox,
+        *,
+        boot: float,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.settings = settings
+        self.node = node
+        self.outbox = outbox
+        self.boot = boot
+        self._clock = clock
+        self.base = f"{settings.prefix}/nodes/{node}"
+        self._state = "offline"
+        self._since = clock()
+        self._connects = 0
+        self._last_error: str | None = None if settings.url else "no uplink configured"
+        self._conn: MqttConnection | None = None
+        self._busy = 0  # window slots in use: unacknowledged, or acknowledged but not deleted
+        self._slot_free = asyncio.Event()
+        self._held: dict[int, OutRow] = {}  # leased rows not yet acknowledged
+        self._strikes: dict[int, int] = {}  # row key -> connections that died on it
+        self._stopping = False
+        self._ack_batch: list[OutRow] = []
+
+    # ---- state for status ---------------------------------------------------
+
+    def snapshot(self) -> UplinkState:
+        """The current connection state."""
+        return UplinkState(
+            self._state, self._since, self.settings.url, self._connects, self._last_error,
+            len(self._held),
+        )
+
+    def _set_state(self, state: str) -> None:
+        if state != self._state:
+            self._state = state
+            self._since = self._clock()
+
+    def _status_payload(self, state: str) -> bytes:
+        return bytes(cbor2.dumps({
+            "state": state, "ts": self._clock(), "boot": self.boot,
+            "heartbeat": self.settings.heartbeat,
+        }))
+
+    # ---- the connection loop -----------------------------------------------------
+
+    async def run(self) -> None:
+        """Connect, forward, and reconnect with backoff, until cancelled."""
+        if not self.settings.url:
+            log.info("no [uplink] url: messages are kept in the outbox")
+            await asyncio.Event().wait()
+        _, host, port = parse_mqtt_url(self.settings.url)
+        backoff = Backoff(self.settings.backoff_initial, self.settings.backoff_max)
+        while not self._stopping:
+            started = time.monotonic()
+            try:
+                await self._session(host, port)
+            except UplinkError as exc:
+                self._note_error(str(exc))
+            finally:
+                self._conn = None
+                self._set_state("offline")
+                self._abandon_held()
+            if time.monotonic() - started > max(self.settings.keepalive, 10.0):
+                backoff.reset()  # that connection worked for a while
+            await asyncio.sleep(backoff.next())
+
+    def _note_error(self, message: str) -> None:
+        if message != self._last_error:
+            log.warning("uplink %s: %s", self.settings.url, message)
+        self._last_error = message
+
+    async def _session(self, host: str, port: int) -> None:
+        v5 = self.settings.protocol == "5"
+        conn = MqttConnection(
+            host=host, port=port, client_id=self.node, keepalive=self.settings.keepalive,
+            v5=v5, session_expiry=self.settings.session_expiry,
+            will=(f"{self.base}/status", self._status_payload("offline")),
+            max_inflight=self.settings.inflight + 4,
+            connect_timeout=self.settings.connect_timeout,
+        )
+        connack = await conn.connect(self.settings.connect_timeout)
+        self._conn = conn
+        self._connects += 1
+        self._busy = 0  # the old connection's slots died with it
+        self._set_state("online")
+        self._last_error = None
+        log.info("uplink online: %s (session present: %s)", self.settings.url,
+                 connack.session_present)
+        conn.publish(f"{self.base}/status", self._status_payload("online"), retain=True)
+        async with asyncio.TaskGroup() as tg:
+            pump = tg.create_task(self._pump(conn, connack.max_packet_size))
+            beat = tg.create_task(self._heartbeat(conn))
+            dog = tg.create_task(self._watchdog(conn))
+            reason = await conn.closed
+            for task in (pump, beat, dog):
+                task.cancel()
+        self._strike_oldest_held(reason)
+        raise UplinkError(f"connection lost: {reason}")
+
+    async def _heartbeat(self, conn: MqttConnection) -> None:
+        while True:
+            await asyncio.sleep(self.settings.heartbeat)
+            conn.publish(f"{self.base}/status", self._status_payload("online"), retain=True)
+
+    async def _watchdog(self, conn: MqttConnection) -> None:
+        """Treat a broker that stops answering as gone within 1.5x keepalive."""
+        keepalive = self.settings.keepalive
+        while True:
+            await asyncio.sleep(keepalive / 8)
+            silent = time.monotonic() - conn.last_inbound
+            if silent >= keepalive:
+                conn.abort(f"no answer from the broker for {silent:.1f}s (keepalive)")
+                return
+            if silent >= keepalive / 2:
+                conn.probe()
+
+    # ---- moving rows -------------------------------------------------------------
+
+    async def _pump(self, conn: MqttConnection, max_packet: int | None) -> None:
+        v5 = conn.v5
+        while True:
+            rows = await self.outbox.fetch(self.settings.inflight)
+            if not rows:
+                await self.outbox.wait_more()
+                continue
+            for row in rows:
+                self._held[row.key] = row
+            for row in rows:
+                while self._busy >= self.settings.inflight:
+                    self._slot_free.clear()
+                    await self._slot_free.wait()
+                self._busy += 1
+                topic = f"{self.base}/{row.topic}"
+                size = publish_packet_size(topic, row.body, v5=v5)
+                if max_packet is not None and size > max_packet:
+                    await self._dead_letter(
+                        row, f"packet of {size} bytes exceeds the broker's maximum packet size"
+                        f" of {max_packet} bytes",
+                    )
+                    continue
+                if not conn.send(topic, row.body, partial(self._on_puback, row)):
+                    # The connection is going down; the row goes out again on the next one.
+                    self._release(1)
+                    return
+
+    def _on_puback(self, row: OutRow, result: PublishResult) -> None:
+        self._strikes.pop(row.key, None)
+        self._held.pop(row.key, None)
+        if result.ok:
+            self._ack_batch.append(row)
+            if len(self._ack_batch) == 1:
+                asyncio.get_running_loop().call_soon(self._flush_acks)
+        else:
+            self._spawn_dead_letter(row, f"broker refused it: {result.reason}")
+
+    def _flush_acks(self) -> None:
+        batch, self._ack_batch = self._ack_batch, []
+        fut = self.outbox.ack(batch)
+        fut.add_done_callback(partial(self._after_commit, slots=len(batch)))
+
+    def _spawn_dead_letter(self, row: OutRow, reason: str) -> None:
+        self._held.pop(row.key, None)
+        fut = self.outbox.dead_letter(row, reason)
+        fut.add_done_callback(partial(self._after_commit, slots=1))
+
+    def _after_commit(self, fut: asyncio.Future[None], slots: int) -> None:
+        if not fut.cancelled() and fut.exception() is not None:
+            log.error("outbox commit after PUBACK failed: %s", fut.exception())
+        self._release(slots)
+
+    def _release(self, slots: int) -> None:
+        self._busy = max(0, self._busy - slots)
+        self._slot_free.set()
+
+    async def _dead_letter(self, row: OutRow, reason: str) -> None:
+        self._held.pop(row.key, None)
+        try:
+            await self.outbox.dead_letter(row, reason)
+        except StorageError as exc:
+            log.error("cannot dead-letter seq %d: %s", row.seq, exc)
+        finally:
+            self._release(1)
+
+    def _abandon_held(self) -> None:
+        """The connection is gone: rows not yet acknowledged go out again later."""
+        if self._held:
+            self.outbox.release(list(self._held.values()))
+            self._held.clear()
+
+    def _strike_oldest_held(self, reason: str) -> None:
+        """A broker that drops the connection on one message every time refuses it.
+
+        MQTT 3.1.1 brokers cannot say why; after `refused_limit` connections that
+        ended with the same oldest unacknowledged row, that row is dead-lettered
+        so the messages behind it can flow.
+        """
+        if not self._held:
+            return
+        row = min(self._held.values(), key=lambda r: r.key)
+        strikes = self._strikes.get(row.key, 0) + 1
+        self._strikes = {row.key: strikes}
+        if strikes >= self.settings.refused_limit:
+            del self._strikes[row.key]
+            self._held.pop(row.key, None)
+            self._spawn_dead_letter_detached(
+                row, f"the broker closed the connection each of the {strikes} times this"
+                f" message was in flight ({reason}); it is likely over the broker's size"
+                " limit or not allowed",
+            )
+
+    def _spawn_dead_letter_detached(self, row: OutRow, reason: str) -> None:
+        # The window belongs to the dead connection; no slot to give back.
+        fut = self.outbox.dead_letter(row, reason)
+        fut.add_done_callback(lambda f: f.cancelled() or f.exception())
+
+    # ---- shutdown ----------------------------------------------------------------
+
+    async def close(self, timeout: float = 2.0) -> None:
+        """Publish a retained `offline` status and disconnect cleanly."""
+        self._stopping = True
+        conn = self._conn
+        if conn is None or conn.closed.done():
+            return
+        try:
+            async with asyncio.timeout(timeout):
+                await conn.publish(
+                    f"{self.base}/status", self._status_payload("offline"), retain=True
+                )
+        except TimeoutError:
+            log.warning("broker did not acknowledge the offline status in %.1fs", timeout)
+        await conn.disconnect(timeout)

@@ -1,0 +1,518 @@
+"""Configuration: TOML files, flags, defaults, node ids and units."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from edge import config
+from edge.config import default_socket_path, load_settings, parse_mqtt_url
+from edge.errors import ConfigError
+from edge.nodeid import default_node_id, validate_node_id
+from edge.settings import (
+    ApiSettings,
+    DiscoverySettings,
+    LocalSettings,
+    NodeSettings,
+    QueueSettings,
+    Settings,
+    TelemetrySettings,
+    UplinkSettings,
+)
+from edge.units import parse_duration, parse_size
+
+FULL = """\
+[node]
+id = "pi-kitchen_01"
+profile = "raspberrypi-4"
+data_dir = "/srv/edge"
+
+[uplink]
+url = "mqtts://broker.example.com:8884"
+prefix = "acme/edge/v2"
+keepalive = "45s"
+inflight = 200
+heartbeat = "2m"
+protocol = "3.1.1"
+backoff_initial = "250ms"
+backoff_max = "5m"
+connect_timeout = 3
+session_expiry = "1d"
+refused_limit = 5
+
+[queue]
+max_bytes = "10MB"
+on_full = "reject"
+default_ttl = "7d"
+durability = "full"
+commit_interval = "20ms"
+max_message_bytes = "64KiB"
+
+[local]
+url = "mqtt://localhost"
+forward = ["sensors/#", "+/alarm"]
+
+[api]
+socket = "/tmp/edge-test/agent.sock"
+max_line_bytes = 8192
+
+[telemetry]
+interval = "0s"
+
+[discovery]
+enabled = false
+"""
+
+FULL_SETTINGS = Settings(
+    node=NodeSettings(id="pi-kitchen_01", profile="raspberrypi-4", data_dir=Path("/srv/edge")),
+    uplink=UplinkSettings(
+        url="mqtts://broker.example.com:8884",
+        prefix="acme/edge/v2",
+        keepalive=45.0,
+        inflight=200,
+        heartbeat=120.0,
+        protocol="3.1.1",
+        backoff_initial=0.25,
+        backoff_max=300.0,
+        connect_timeout=3.0,
+        session_expiry=86400.0,
+        refused_limit=5,
+    ),
+    queue=QueueSettings(
+        max_bytes=10_000_000,
+        on_full="reject",
+        default_ttl=7 * 86400.0,
+        durability="full",
+        commit_interval=0.02,
+        max_message_bytes=64 * 1024,
+    ),
+    local=LocalSettings(url="mqtt://localhost", forward=("sensors/#", "+/alarm")),
+    api=ApiSettings(socket=Path("/tmp/edge-test/agent.sock"), max_line_bytes=8192),
+    telemetry=TelemetrySettings(interval=0.0),
+    discovery=DiscoverySettings(enabled=False),
+)
+
+SECTIONS = {
+    "node": NodeSettings,
+    "uplink": UplinkSettings,
+    "queue": QueueSettings,
+    "local": LocalSettings,
+    "api": ApiSettings,
+    "telemetry": TelemetrySettings,
+    "discovery": DiscoverySettings,
+}
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "agent.toml"
+    path.write_text(text)
+    return path
+
+
+def config_error(path: Path, **flags: Any) -> str:
+    with pytest.raises(ConfigError) as info:
+        load_settings(path, **flags)
+    message = str(info.value)
+    assert "\n" not in message
+    return message
+
+
+# -- defaults ----------------------------------------------------------------
+
+
+def test_no_file_gives_defaults() -> None:
+    settings = load_settings(None)
+    assert settings.source == "<defaults>"
+    validate_node_id(settings.node.id)
+    assert settings.node.id != "auto"
+    assert settings.uplink == UplinkSettings()
+    assert settings.queue == QueueSettings()
+    assert settings.local == LocalSettings()
+    assert settings.telemetry == TelemetrySettings()
+    assert settings.discovery == DiscoverySettings()
+    assert settings.api.socket == default_socket_path()
+
+
+def test_missing_default_file_gives_defaults(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(config, "DEFAULT_CONFIG", tmp_path / "agent.toml")
+    assert load_settings(tmp_path / "agent.toml").source == "<defaults>"
+
+
+def test_missing_default_file_is_an_error_when_it_must_exist(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(config, "DEFAULT_CONFIG", tmp_path / "agent.toml")
+    with pytest.raises(ConfigError, match=r"agent\.toml: no such file"):
+        load_settings(tmp_path / "agent.toml", must_exist=True)
+
+
+def test_missing_explicit_file_is_an_error(tmp_path: Path) -> None:
+    missing = tmp_path / "nope.toml"
+    assert str(missing) in config_error(missing)
+
+
+def test_unreadable_file_is_an_error_naming_it(tmp_path: Path) -> None:
+    assert str(tmp_path) in config_error(tmp_path)  # a directory cannot be read as a file
+
+
+def test_empty_file_gives_defaults_with_its_source(tmp_path: Path) -> None:
+    path = write(tmp_path, "")
+    settings = load_settings(path)
+    assert settings.source == str(path)
+    assert settings.uplink == UplinkSettings()
+
+
+def test_root_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    settings = load_settings(None)
+    assert settings.node.data_dir == Path("/var/lib/edge")
+    assert settings.api.socket == Path("/run/edge/agent.sock")
+
+
+def test_non_root_defaults_follow_xdg(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path / "run"))
+    settings = load_settings(None)
+    assert settings.node.data_dir == tmp_path / "state" / "edge"
+    assert settings.api.socket == tmp_path / "run" / "edge" / "agent.sock"
+
+
+def test_non_root_defaults_without_xdg(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    monkeypatch.delenv("XDG_STATE_HOME", raising=False)
+    monkeypatch.delenv("XDG_RUNTIME_DIR", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    settings = load_settings(None)
+    assert settings.node.data_dir == tmp_path / ".local" / "state" / "edge"
+    assert settings.api.socket == Path(f"/tmp/edge-{os.getuid()}/agent.sock")
+
+
+# -- a valid file ------------------------------------------------------------
+
+
+def test_full_file_sets_every_key(tmp_path: Path) -> None:
+    path = write(tmp_path, FULL)
+    assert load_settings(path) == dataclasses.replace(FULL_SETTINGS, source=str(path))
+
+
+def test_every_settings_field_is_a_config_key() -> None:
+    import tomllib
+
+    document = tomllib.loads(FULL)
+    for section, cls in SECTIONS.items():
+        assert set(document[section]) == {field.name for field in dataclasses.fields(cls)}
+
+
+def test_numbers_are_accepted_for_sizes_and_durations(tmp_path: Path) -> None:
+    path = write(tmp_path, "[queue]\nmax_bytes = 4096\ndefault_ttl = 1.5\n")
+    queue = load_settings(path).queue
+    assert (queue.max_bytes, queue.default_ttl) == (4096, 1.5)
+
+
+def test_node_id_auto_is_derived(tmp_path: Path) -> None:
+    path = write(tmp_path, '[node]\nid = "auto"\n')
+    assert load_settings(path).node.id == default_node_id()
+
+
+def test_services_are_accepted_with_a_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = write(tmp_path, '[services.web]\ncommand = ["python", "-m", "http.server"]\n')
+    with caplog.at_level(logging.WARNING, logger="edge.config"):
+        load_settings(path)
+    assert "not implemented" in caplog.text
+    assert "web" in caplog.text
+
+
+# -- bad files ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "where", "detail"),
+    [
+        ("[uplink]\nkepalive = '30s'\n", "[uplink] kepalive", "unknown key (known: "),
+        ("[uplnk]\nurl = ''\n", "[uplnk]", "unknown section (known: "),
+        ("node = 5\n", "[node]", "expected a table, got 5"),
+        ("[uplink]\nkeepalive = true\n", "[uplink] keepalive", "got true"),
+        ("[uplink]\ninflight = '50'\n", "[uplink] inflight", 'integer from 1 to 1000, got "50"'),
+        ("[uplink]\ninflight = 0\n", "[uplink] inflight", "got 0"),
+        ("[uplink]\ninflight = 1001\n", "[uplink] inflight", "got 1001"),
+        ("[uplink]\nprefix = 5\n", "[uplink] prefix", "expected a string, got 5"),
+        ("[discovery]\nenabled = 'yes'\n", "[discovery] enabled", 'true or false, got "yes"'),
+        (
+            "[queue]\nmax_bytes = 'lots'\n",
+            "[queue] max_bytes",
+            'expected a size like "256MiB", got "lots"',
+        ),
+        ("[queue]\nmax_bytes = '-1MiB'\n", "[queue] max_bytes", 'got "-1MiB"'),
+        ("[queue]\nmax_bytes = 0\n", "[queue] max_bytes", "got 0"),
+        ("[queue]\ndefault_ttl = 'soon'\n", "[queue] default_ttl", '"30s", got "soon"'),
+        ("[queue]\ndefault_ttl = -1\n", "[queue] default_ttl", "got -1"),
+        ("[telemetry]\ninterval = '5 fortnights'\n", "[telemetry] interval", "expected"),
+        ("[uplink]\nkeepalive = '500ms'\n", "[uplink] keepalive", 'got "500ms"'),
+        ("[uplink]\nheartbeat = '0s'\n", "[uplink] heartbeat", 'got "0s"'),
+        ("[queue]\non_full = 'drop-newest'\n", "[queue] on_full", '"reject", got "drop-newest"'),
+        ("[queue]\ndurability = 'paranoid'\n", "[queue] durability", '"full", got "paranoid"'),
+        ("[uplink]\nprotocol = 5\n", "[uplink] protocol", '"3.1.1", got 5'),
+        ("[uplink]\nurl = 'http://broker'\n", "[uplink] url", 'got "http://broker"'),
+        ("[uplink]\nurl = 'mqtt://'\n", "[uplink] url", "mqtt://host[:port]"),
+        ("[uplink]\nurl = 'mqtt://broker:99999'\n", "[uplink] url", "mqtts://host[:port]"),
+        ("[uplink]\nurl = 'mqtt://broker/x'\n", "[uplink] url", "mqtt://host[:port]"),
+        ("[uplink]\nprefix = ''\n", "[uplink] prefix", "expected a topic prefix"),
+        ("[uplink]\nprefix = 'edge/+'\n", "[uplink] prefix", 'got "edge/+"'),
+        ("[uplink]\nprefix = 'edge/#'\n", "[uplink] prefix", 'got "edge/#"'),
+        ("[uplink]\nprefix = '/edge'\n", "[uplink] prefix", 'got "/edge"'),
+        ("[uplink]\nprefix = 'edge/'\n", "[uplink] prefix", 'got "edge/"'),
+        ("[local]\nforward = 'sensors/#'\n", "[local] forward", "expected a list"),
+        ("[local]\nforward = ['a/#/b']\n", "[local] forward", "expected a list"),
+        ("[node]\nid = 'a/b'\n", "[node] id", 'A-Z a-z 0-9 _ -, got "a/b"'),
+        ("[node]\nid = 'a+b'\n", "[node] id", 'got "a+b"'),
+        ("[node]\nid = 'a#b'\n", "[node] id", 'got "a#b"'),
+        ("[node]\nid = 'a b'\n", "[node] id", 'got "a b"'),
+        ("[node]\nid = ''\n", "[node] id", 'got ""'),
+        (f"[node]\nid = '{'x' * 65}'\n", "[node] id", "1 to 64"),
+        ("[node]\nid = 7\n", "[node] id", "got 7"),
+        ("[node]\nprofile = '../etc'\n", "[node] profile", 'got "../etc"'),
+        ("[node]\ndata_dir = ''\n", "[node] data_dir", 'expected a path, got ""'),
+        ("[services]\nweb = 1\n", "[services] web", "expected a table"),
+    ],
+)
+def test_bad_value_names_file_key_and_expectation(
+    tmp_path: Path, text: str, where: str, detail: str
+) -> None:
+    path = write(tmp_path, text)
+    message = config_error(path)
+    assert message.startswith(f"config {path}: {where}")
+    assert detail in message
+
+
+def test_bad_size_message_is_exactly_as_documented(tmp_path: Path) -> None:
+    path = write(tmp_path, '[queue]\nmax_bytes = "lots"\n')
+    assert config_error(path) == (
+        f'config {path}: [queue] max_bytes: expected a size like "256MiB", got "lots"'
+    )
+
+
+def test_value_with_a_newline_stays_on_one_line(tmp_path: Path) -> None:
+    path = write(tmp_path, '[node]\nid = "a\\nb"\n')
+    assert '"a\\nb"' in config_error(path)
+
+
+def test_toml_syntax_error_names_the_file(tmp_path: Path) -> None:
+    path = write(tmp_path, "[uplink\nurl = \n")
+    assert config_error(path).startswith(f"config {path}: not valid TOML: ")
+
+
+def test_non_utf8_file_names_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "agent.toml"
+    path.write_bytes(b"[node]\nid = '\xff'\n")
+    assert config_error(path).startswith(f"config {path}: not valid TOML: ")
+
+
+# -- flags -------------------------------------------------------------------
+
+
+def test_flags_override_the_file(tmp_path: Path) -> None:
+    path = write(tmp_path, FULL)
+    settings = load_settings(
+        path, uplink="mqtt://other:1884", data_dir=tmp_path / "data", node_id="flag-id"
+    )
+    assert settings.uplink.url == "mqtt://other:1884"
+    assert settings.node.data_dir == tmp_path / "data"
+    assert settings.node.id == "flag-id"
+    assert settings.uplink.prefix == "acme/edge/v2"  # the rest still from the file
+
+
+def test_flags_apply_without_a_file(tmp_path: Path) -> None:
+    settings = load_settings(None, uplink="", data_dir=str(tmp_path), node_id="n1")
+    assert (settings.uplink.url, settings.node.data_dir, settings.node.id) == ("", tmp_path, "n1")
+
+
+@pytest.mark.parametrize(
+    ("flags", "prefix"),
+    [
+        ({"node_id": "a/b"}, "--node-id: expected"),
+        ({"node_id": "x" * 65}, "--node-id: expected"),
+        ({"uplink": "tcp://broker"}, "--uplink: expected mqtt://host[:port]"),
+        ({"data_dir": ""}, "--data-dir: expected a path"),
+    ],
+)
+def test_bad_flag_is_named(tmp_path: Path, flags: dict[str, str], prefix: str) -> None:
+    assert config_error(write(tmp_path, ""), **flags).startswith(prefix)
+
+
+# -- node ids ----------------------------------------------------------------
+
+
+def test_node_id_from_machine_id_is_stable_and_hides_it(tmp_path: Path) -> None:
+    machine_id = "0123456789abcdef0123456789abcdef"
+    path = tmp_path / "machine-id"
+    path.write_text(machine_id + "\n")
+    node = default_node_id(path, hostname="host")
+    assert node == default_node_id(path, hostname="other")
+    assert validate_node_id(node) == node
+    assert node.startswith("edge-") and len(node) == len("edge-") + 12
+    assert machine_id[:8] not in node
+    path.write_text("fedcba9876543210fedcba9876543210\n")
+    assert default_node_id(path) != node
+
+
+@pytest.mark.parametrize("content", [None, "", "\n", "uninitialized\n"])
+def test_node_id_falls_back_to_hostname(tmp_path: Path, content: str | None) -> None:
+    path = tmp_path / "machine-id"
+    if content is not None:
+        path.write_text(content)
+    assert default_node_id(path, hostname="pi-01") == "pi-01"
+
+
+@pytest.mark.parametrize(
+    ("hostname", "expected"),
+    [
+        ("pi.local", "pi-local"),
+        ("my host/+#", "my-host---"),
+        ("ü", "-"),
+        ("h" * 100, "h" * 64),
+        ("", "edge"),
+    ],
+)
+def test_hostname_fallback_is_sanitized(tmp_path: Path, hostname: str, expected: str) -> None:
+    node = default_node_id(tmp_path / "missing", hostname=hostname)
+    assert node == expected
+    assert validate_node_id(node) == node
+
+
+@pytest.mark.parametrize("node", ["a", "A-z_09", "x" * 64])
+def test_valid_node_ids(node: str) -> None:
+    assert validate_node_id(node) == node
+
+
+@pytest.mark.parametrize("node", ["", "a/b", "a+b", "a#b", "a b", "a.b", "é", "x" * 65, "a\n"])
+def test_invalid_node_ids(node: str) -> None:
+    with pytest.raises(ValueError, match="A-Z a-z 0-9 _ -"):
+        validate_node_id(node)
+
+
+# -- units -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "size"),
+    [
+        ("256MiB", 256 * 1024**2),
+        ("10MB", 10_000_000),
+        ("512KiB", 512 * 1024),
+        ("1GiB", 1024**3),
+        ("4096", 4096),
+        ("100B", 100),
+        ("0", 0),
+        ("1.5KiB", 1536),
+        ("2 mib", 2 * 1024**2),
+        (4096, 4096),
+    ],
+)
+def test_parse_size(text: str | int, size: int) -> None:
+    assert parse_size(text) == size
+
+
+@pytest.mark.parametrize("text", ["", "lots", "-1", "10XB", "MiB", "1.5.5MiB", -1, 1.5, True])
+def test_parse_size_rejects(text: str | int) -> None:
+    with pytest.raises(ValueError, match='expected a size like "256MiB", got '):
+        parse_size(text)
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [
+        ("30s", 30.0),
+        ("500ms", 0.5),
+        ("5m", 300.0),
+        ("2h", 7200.0),
+        ("7d", 604800.0),
+        ("0s", 0.0),
+        ("1.5s", 1.5),
+        (30, 30.0),
+        (0.25, 0.25),
+    ],
+)
+def test_parse_duration(text: str | float, seconds: float) -> None:
+    assert parse_duration(text) == pytest.approx(seconds)
+
+
+@pytest.mark.parametrize(
+    "text", ["", "lots", "30", "-5s", "5 fortnights", "s", -1, float("inf"), float("nan"), True]
+)
+def test_parse_duration_rejects(text: str | float) -> None:
+    with pytest.raises(ValueError, match='expected a duration like "30s", got '):
+        parse_duration(text)
+
+
+@pytest.mark.parametrize(
+    ("url", "parts"),
+    [
+        ("mqtt://broker", ("mqtt", "broker", 1883)),
+        ("mqtts://broker", ("mqtts", "broker", 8883)),
+        ("mqtt://10.0.0.1:1884", ("mqtt", "10.0.0.1", 1884)),
+        ("mqtts://[::1]:8884/", ("mqtts", "::1", 8884)),
+    ],
+)
+def test_parse_mqtt_url(url: str, parts: tuple[str, str, int]) -> None:
+    assert parse_mqtt_url(url) == parts
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["", "broker:1883", "ws://broker", "mqtt://", "mqtt://b:0", "mqtt://u:p@b", "mqtt://b?x=1"],
+)
+def test_parse_mqtt_url_rejects(url: str) -> None:
+    with pytest.raises(ValueError, match="expected mqtt://host"):
+        parse_mqtt_url(url)
+
+
+# -- the CLI -----------------------------------------------------------------
+
+
+def run_cli(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    # A timeout, so that a CLI that does not refuse a bad file fails the test
+    # instead of running an agent forever.
+    return subprocess.run(
+        [sys.executable, "-m", "edge", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+    )
+
+
+def test_cli_config_check_accepts_a_valid_file(tmp_path: Path) -> None:
+    path = write(tmp_path, FULL)
+    result = run_cli(tmp_path, "config", "check", str(path))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip()
+
+
+def test_cli_config_check_rejects_a_bad_file_in_one_line(tmp_path: Path) -> None:
+    path = write(tmp_path, "[uplink]\nkepalive = '30s'\n")
+    result = run_cli(tmp_path, "config", "check", str(path))
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert str(path) in lines[0] and "[uplink] kepalive" in lines[0]
+
+
+def test_cli_run_refuses_a_bad_file(tmp_path: Path) -> None:
+    path = write(tmp_path, "[queue]\nmax_bytes = 'lots'\n")
+    result = run_cli(tmp_path, "run", "--config", str(path))
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert str(path) in lines[0] and "[queue] max_bytes" in lines[0]

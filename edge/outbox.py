@@ -122,7 +122,8 @@ class _Committed:
     """What one transaction changed, for the in-memory counters."""
 
     deleted: dict[int, int]  # key -> body bytes, rows that really left
-    evicted: dict[int, int]  # key -> body bytes, dropped to make room
+    evicted: dict[int, int]  # key -> body bytes, stored rows dropped to make room
+    skipped: dict[int, int]  # key -> body bytes, new rows dropped at once to make room
 
 
 class Outbox:
@@ -152,7 +153,8 @@ class Outbox:
         self._bands: dict[int, int] = {}  # priority band -> queued rows
         self._next_seq = 1
         self._reserved = 0
-        self._bytes = 0
+        self._bytes = 0  # committed rows
+        self._unsettled_bytes = 0  # submitted inserts whose commit has not finished
         self._dropped = 0
         self._expired = 0
         self._dead = 0
@@ -208,8 +210,9 @@ class Outbox:
         meta = {k: int(v) for k, v in db.execute("SELECT key, value FROM meta")}
         self._dropped = meta.get("dropped", 0)
         self._expired = meta.get("expired", 0)
-        # The side file covers a database that was lost or moved aside: seq never goes back.
-        self._next_seq = max(meta.get("next_seq", 1), self._read_hwm())
+        # A fresh database (first start, or the old one lost or moved aside) continues
+        # from the reserve in the side file, so a seq is never handed out twice.
+        self._next_seq = meta["next_seq"] if "next_seq" in meta else self._read_hwm()
         self._reserved = self._next_seq
 
     def _read_hwm(self) -> int:
@@ -314,29 +317,33 @@ class Outbox:
             done = await self._in_writer(self._write_batch, batch, self._clock())
         except sqlite3.Error as exc:
             raise _storage_error(self.path, exc) from exc
+        finally:
+            self._unsettled_bytes -= batch.insert_bytes
         # The transaction is durable: bring the in-memory view up to date.
-        self._dropped += len(done.evicted)
+        self._dropped += len(done.evicted) + len(done.skipped)
         self._expired += sum(r.key in done.deleted for r in batch.expired)
         self._dead += len(batch.dead)
         self.sent_total += sum(r.key in done.deleted for r in batch.acks)
         self.accepted_total += len(batch.inserts)
-        self._bytes += batch.insert_bytes - sum(done.deleted.values()) - sum(done.evicted.values())
+        self._bytes += batch.insert_bytes - sum(done.deleted.values())
+        self._bytes -= sum(done.evicted.values()) + sum(done.skipped.values())
         for row in (*batch.acks, *(r for r, _ in batch.dead), *batch.expired):
             self._leased.discard(row.key)
         for k in (*done.deleted, *done.evicted):
             self._count_band(k, -1)
         for k, *_ in batch.inserts:
-            self._count_band(k, +1)
+            if k not in done.skipped:
+                self._count_band(k, +1)
         if batch.inserts:
             if batch.inserts[0][0] <= self._cursor or any(
                 k <= self._cursor for k, *_ in batch.inserts
             ):
                 self._cursor = 0  # a higher priority arrived behind the read cursor
             self._more.set()
-        if done.evicted:
+        if done.evicted or done.skipped:
             log.warning(
                 "outbox full (%d bytes max): dropped the %d oldest messages",
-                self.settings.max_bytes, len(done.evicted),
+                self.settings.max_bytes, len(done.evicted) + len(done.skipped),
             )
 
     def _write_batch(self, batch: _Pending, now: float) -> _Committed:
@@ -346,10 +353,11 @@ class Outbox:
         try:
             db.execute("BEGIN IMMEDIATE")
             evicted = self._evict_for(db, batch.insert_bytes) if batch.inserts else {}
+            skipped = self._skip_for(batch, evicted)
             if batch.inserts:
                 db.executemany(
                     "INSERT INTO outbox (k, ts, exp, topic, body) VALUES (?, ?, ?, ?, ?)",
-                    batch.inserts,
+                    [row for row in batch.inserts if row[0] not in skipped],
                 )
             if batch.dead:
                 db.executemany(
@@ -371,7 +379,7 @@ class Outbox:
                 "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
                 [
                     ("next_seq", self._next_seq),
-                    ("dropped", self._dropped + len(evicted)),
+                    ("dropped", self._dropped + len(evicted) + len(skipped)),
                     ("expired", self._expired + expired),
                 ],
             )
@@ -380,7 +388,7 @@ class Outbox:
             if db.in_transaction:
                 db.execute("ROLLBACK")
             raise
-        return _Committed(deleted, evicted)
+        return _Committed(deleted, evicted, skipped)
 
     def _evict_for(self, db: sqlite3.Connection, incoming: int) -> dict[int, int]:
         """Under drop-oldest, delete the oldest rows of the lowest priority to make room."""
@@ -415,6 +423,23 @@ class Outbox:
                 (json.dumps(list(victims)),),
             )
         return victims
+
+    def _skip_for(self, batch: _Pending, evicted: dict[int, int]) -> dict[int, int]:
+        """A batch larger than the room left drops its own oldest, lowest-priority rows."""
+        over = self._bytes - sum(evicted.values()) + batch.insert_bytes - self.settings.max_bytes
+        if over <= 0 or self.settings.on_full != "drop-oldest":
+            return {}
+        skipped: dict[int, int] = {}
+        bands: dict[int, list[tuple[int, int]]] = {}
+        for k, _, _, _, body in batch.inserts:
+            bands.setdefault(k >> _SEQ_BITS, []).append((k, len(body)))
+        for band in sorted(bands, reverse=True):
+            for k, size in sorted(bands[band]):
+                if over <= 0:
+                    return skipped
+                skipped[k] = size
+                over -= size
+        return skipped
 
     def _count_band(self, key: int, delta: int) -> None:
         band = key >> _SEQ_BITS
@@ -491,7 +516,7 @@ class Outbox:
         if size > limit:
             raise EnvelopeError(f"message of {size} bytes exceeds the limit of {limit} bytes")
         if self.settings.on_full == "reject":
-            if self._bytes + self._pending.insert_bytes + size > self.settings.max_bytes:
+            if self._bytes + self._unsettled_bytes + size > self.settings.max_bytes:
                 raise QueueFull(
                     f"outbox is full ({self._bytes} of {self.settings.max_bytes} bytes,"
                     " on_full = reject); the message was not accepted"
@@ -500,6 +525,7 @@ class Outbox:
         route = f"up/{topic}" if route is None else route
         self._pending.inserts.append((_key(prio, seq), now, exp, route, body))
         self._pending.insert_bytes += size
+        self._unsettled_bytes += size
         return env, self._queue_write()
 
     # ---- the uplink's side -------------------------------------------------

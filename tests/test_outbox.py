@@ -1,0 +1,226 @@
+"""The outbox against real SQLite files: order, durability, limits, expiry, corruption."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import pytest
+
+from edge.envelope import Envelope
+from edge.errors import EnvelopeError, QueueFull
+from edge.outbox import Outbox
+from edge.settings import QueueSettings
+
+
+class Clock:
+    def __init__(self, now: float = 1_800_000_000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@asynccontextmanager
+async def opened(
+    path: Path, clock: Callable[[], float] | None = None, **queue: object
+) -> AsyncIterator[Outbox]:
+    box = Outbox(path, "node-a", QueueSettings(**queue), clock=clock or Clock())  # type: ignore[arg-type]
+    await box.open()
+    async with asyncio.TaskGroup() as tg:
+        writer = tg.create_task(box.run())
+        try:
+            yield box
+        finally:
+            writer.cancel()
+    await box.close()
+
+
+async def drain(box: Outbox) -> list[Envelope]:
+    """Fetch and acknowledge everything, in send order."""
+    out: list[Envelope] = []
+    while rows := await box.fetch(100):
+        out += [Envelope.decode(r.body) for r in rows]
+        await box.ack(rows)
+    return out
+
+
+async def test_fifo_within_priority_and_higher_priority_first(tmp_path: Path) -> None:
+    async with opened(tmp_path / "o.db") as box:
+        for i in range(5):
+            await box.put("low", str(i), "text/plain")
+        await box.put("high", "h1", "text/plain", prio=5)
+        await box.put("mid", "m", "text/plain", prio=1)
+        await box.put("high", "h2", "text/plain", prio=5)
+        await box.put("neg", "n", "text/plain", prio=-3)
+        sent = await drain(box)
+    assert [e.data for e in sent] == ["h1", "h2", "m", "0", "1", "2", "3", "4", "n"]
+
+
+async def test_higher_priority_arriving_mid_stream_jumps_the_read_cursor(tmp_path: Path) -> None:
+    async with opened(tmp_path / "o.db") as box:
+        for i in range(10):
+            await box.put("t", str(i), "text/plain")
+        first = await box.fetch(3)
+        await box.put("t", "urgent", "text/plain", prio=9)
+        nxt = await box.fetch(1)
+        assert Envelope.decode(nxt[0].body).data == "urgent"
+        await box.ack(first + nxt)
+        rest = await drain(box)
+    assert [e.data for e in rest] == [str(i) for i in range(3, 10)]
+
+
+async def test_seq_survives_restart_and_is_never_reused(tmp_path: Path) -> None:
+    path = tmp_path / "o.db"
+    async with opened(path) as box:
+        seqs = [(await box.put("t", "x", "text/plain")).seq for _ in range(3)]
+        await drain(box)
+    async with opened(path) as box:
+        later = (await box.put("t", "x", "text/plain")).seq
+    assert seqs == [1, 2, 3]
+    assert later == 4
+
+
+async def test_committed_rows_survive_a_reopen_and_leased_ones_come_back(tmp_path: Path) -> None:
+    path = tmp_path / "o.db"
+    async with opened(path) as box:
+        for i in range(4):
+            await box.put("t", str(i), "text/plain")
+        leased = await box.fetch(2)  # sent, never acknowledged
+        assert len(leased) == 2
+    async with opened(path) as box:
+        assert (await box.stats()).depth == 4
+        assert [e.data for e in await drain(box)] == ["0", "1", "2", "3"]
+
+
+async def test_released_rows_are_sent_again_and_not_duplicated_in_one_fetch(tmp_path: Path) -> None:
+    async with opened(tmp_path / "o.db") as box:
+        for i in range(5):
+            await box.put("t", str(i), "text/plain")
+        a = await box.fetch(3)
+        box.release(a[1:])  # connection dropped with two unacknowledged
+        b = await box.fetch(10)
+        assert [Envelope.decode(r.body).data for r in b] == ["1", "2", "3", "4"]
+
+
+async def test_ack_of_an_already_deleted_row_does_not_corrupt_counters(tmp_path: Path) -> None:
+    async with opened(tmp_path / "o.db") as box:
+        await box.put("t", "x", "text/plain")
+        rows = await box.fetch(1)
+        await box.ack(rows)
+        await box.ack(rows)  # a duplicate PUBACK after a re-send
+        stats = await box.stats()
+    assert (stats.depth, stats.bytes) == (0, 0)
+
+
+async def test_drop_oldest_evicts_lowest_priority_oldest_first(tmp_path: Path) -> None:
+    async with opened(tmp_path / "o.db", max_bytes=4000, on_full="drop-oldest") as box:
+        await box.put("keep", "alarm", "text/plain", prio=5)
+        for i in range(100):
+            await box.put("t", f"{i:04d}" + "x" * 60, "text/plain")
+        stats = await box.stats()
+        sent = await drain(box)
+    assert stats.bytes <= 4000
+    assert stats.dropped > 0 and stats.dropped + stats.depth == 101
+    assert sent[0].data == "alarm"
+    tail = [e.data[:4] for e in sent[1:]]
+    assert tail == [f"{i:04d}" for i in range(100 - len(tail), 100)]
+
+
+async def test_reject_refuses_when_full_and_keeps_what_it_accepted(tmp_path: Path) -> None:
+    async with opened(tmp_path / "o.db", max_bytes=2000, on_full="reject") as box:
+        accepted = []
+        with pytest.raises(QueueFull):
+            for i in range(100):
+                accepted.append((await box.put("t", f"{i}" + "x" * 60, "text/plain")).seq)
+        stats = await box.stats()
+        sent = await drain(box)
+    assert 0 < len(accepted) < 100
+    assert stats.dropped == 0
+    assert [e.seq for e in sent] == accepted
+
+
+async def test_expired_messages_are_dropped_unsent_and_counted(tmp_path: Path) -> None:
+    clock = Clock()
+    async with opened(tmp_path / "o.db", clock=clock) as box:
+        await box.put("t", "short", "text/plain", ttl=10)
+        await box.put("t", "long", "text/plain", ttl=1000)
+        await box.put("t", "forever", "text/plain")
+        clock.now += 60
+        sent = await drain(box)
+        await asyncio.sleep(0.05)  # the expiry delete commits with the next batch
+        stats = await box.stats()
+    assert [e.data for e in sent] == ["long", "forever"]
+    assert stats.expired == 1
+
+
+async def test_default_ttl_applies_to_messages_without_one(tmp_path: Path) -> None:
+    clock = Clock()
+    async with opened(tmp_path / "o.db", clock=clock, default_ttl=5.0) as box:
+        env = await box.put("t", "x", "text/plain")
+    assert env.exp == clock.now + 5.0
+
+
+async def test_oversized_message_is_refused(tmp_path: Path) -> None:
+    async with opened(tmp_path / "o.db", max_message_bytes=100) as box:
+        with pytest.raises(EnvelopeError, match="exceeds"):
+            await box.put("t", "x" * 200, "text/plain")
+
+
+async def test_dead_letters_keep_the_reason_and_leave_the_queue(tmp_path: Path) -> None:
+    async with opened(tmp_path / "o.db") as box:
+        for i in range(3):
+            await box.put("t", str(i), "text/plain")
+        rows = await box.fetch(3)
+        await box.dead_letter(rows[1], "too big for the broker")
+        await box.ack([rows[0], rows[2]])
+        dead = await box.dead_letters()
+        stats = await box.stats()
+    assert [(d["seq"], d["topic"], d["reason"]) for d in dead] == [
+        (2, "t", "too big for the broker")
+    ]
+    assert (stats.depth, stats.dead) == (0, 1)
+
+
+async def test_a_burst_shares_commits(tmp_path: Path) -> None:
+    async with opened(tmp_path / "o.db") as box:
+        pending = [box.submit("t", str(i), "text/plain")[1] for i in range(500)]
+        await asyncio.gather(*pending)
+        # One commit took them all: they were gathered before the writer ran.
+        assert box.accepted_total == 500
+        assert (await box.stats()).depth == 500
+
+
+async def test_corrupt_database_is_moved_aside_and_a_fresh_one_used(tmp_path: Path) -> None:
+    path = tmp_path / "o.db"
+    async with opened(path) as box:
+        for _ in range(5):
+            await box.put("t", "x", "text/plain")
+    path.write_bytes(b"this is not a database" * 100)
+    async with opened(path) as box:
+        env = await box.put("t", "after", "text/plain")
+        assert box.moved_aside is not None and box.moved_aside.exists()
+        assert "corrupt" in box.moved_aside.name
+        assert (await box.stats()).depth == 1
+    assert env.seq > 5  # the seq reserve outlives the database
+
+
+async def test_open_fails_clearly_when_the_directory_cannot_be_written(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    box = Outbox(blocker / "o.db", "n", QueueSettings())
+    with pytest.raises(OSError):
+        await box.open()
+
+
+def test_table_order_needs_no_index_for_sending(tmp_path: Path) -> None:
+    """The send query walks the table's own key: no sort step in the plan."""
+    db = sqlite3.connect(tmp_path / "x.db")
+    db.execute("CREATE TABLE outbox (k INTEGER PRIMARY KEY, body BLOB)")
+    plan = db.execute(
+        "EXPLAIN QUERY PLAN SELECT k, body FROM outbox WHERE k > 0 ORDER BY k LIMIT 5"
+    ).fetchall()
+    assert not any("TEMP B-TREE" in str(row) for row in plan)

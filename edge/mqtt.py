@@ -198,9 +198,10 @@ class MqttConnection:
         try:
             async with asyncio.timeout(timeout):
                 # paho connects with a blocking socket call (DNS, TCP): keep it off the loop.
+                extra: dict[str, Any] = {"clean_start": False, "properties": props} if self.v5 else {}
                 await asyncio.to_thread(
                     self._client.connect, self.host, self.port,
-                    keepalive=max(1, round(self.keepalive)), clean_start=False, properties=props,
+                    keepalive=max(1, round(self.keepalive)), **extra,
                 )
                 return await asyncio.shield(self._connack)
         except (OSError, TimeoutError) as exc:

@@ -107,6 +107,11 @@ class Uplink:
                 await self._session(host, port)
             except UplinkError as exc:
                 self._note_error(str(exc))
+            except Exception as exc:
+                # A bug or a surprise from paho must not take the agent down: the
+                # outbox keeps accepting, and the next attempt starts afresh.
+                log.exception("uplink session failed unexpectedly")
+                self._note_error(f"internal error: {exc!r}")
             finally:
                 self._conn = None
                 self._set_state("offline")

@@ -191,14 +191,14 @@ class MqttConnection:
 
     async def connect(self, timeout: float) -> Connack:
         """Open the TCP connection and wait for the CONNACK."""
-        props = None
+        extra: dict[str, Any] = {}
         if self.v5:
             props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
             props.SessionExpiryInterval = int(self.session_expiry)
+            extra = {"clean_start": False, "properties": props}
         try:
             async with asyncio.timeout(timeout):
                 # paho connects with a blocking socket call (DNS, TCP): keep it off the loop.
-                extra: dict[str, Any] = {"clean_start": False, "properties": props} if self.v5 else {}
                 await asyncio.to_thread(
                     self._client.connect, self.host, self.port,
                     keepalive=max(1, round(self.keepalive)), **extra,

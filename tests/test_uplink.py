@@ -50,9 +50,7 @@ def test_mqtt311_broker_dropping_the_link_on_one_message_gets_it_dead_lettered(
     broker = broker_factory(extra=["max_packet_size 2048"])
     broker.start()
     sub = subscriber_factory(broker)
-    agent = agent_factory(
-        broker, overrides={"uplink": {"protocol": "3.1.1", "refused_limit": 3}}
-    )
+    agent = agent_factory(broker, overrides={"uplink": {"protocol": "3.1.1", "refused_limit": 3}})
     agent.wait_status(lambda s: s["uplink"]["state"] == "online", 10, what="uplink online")
     small1 = agent.publish_ok("sensors/t", "small-1")["seq"]
     big = agent.publish_ok("sensors/t", "B" * 8192)["seq"]

@@ -1,0 +1,123 @@
+"""Fixtures: a real mosquitto, the agent as a subprocess, and a cloud-side subscriber.
+
+Every peer made here is torn down by its fixture, whatever the test did to it
+(a paused broker is resumed and killed, a live agent is stopped, a subscriber
+disconnected), and the logs' tails are printed so a failing test shows them.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+
+import pytest
+
+from tests.support.agent import Agent, Overrides
+from tests.support.broker import Broker, find_mosquitto
+from tests.support.net import free_port
+from tests.support.subscriber import UP_FILTER, Subscriber
+
+BrokerFactory = Callable[..., Broker]
+AgentFactory = Callable[..., Agent]
+SubscriberFactory = Callable[..., Subscriber]
+
+
+@pytest.fixture
+def free_tcp_port() -> int:
+    """A loopback TCP port nothing listens on."""
+    return free_port()
+
+
+@pytest.fixture(scope="session")
+def mosquitto_binary() -> str:
+    """Path of mosquitto; skip (fail on CI, which installs it) when it is missing."""
+    found = find_mosquitto()
+    if found is None:
+        reason = "mosquitto is not installed (apt-get install mosquitto; scripts/test does)"
+        if os.environ.get("CI"):
+            pytest.fail(f"{reason}: CI must run every test")
+        pytest.skip(reason)
+    return found
+
+
+@pytest.fixture
+def broker_factory(tmp_path: Path, mosquitto_binary: str) -> Iterator[BrokerFactory]:
+    """Make brokers (not started): broker_factory(extra=["max_packet_size 2048"])."""
+    made: list[Broker] = []
+
+    def make(extra: Sequence[str] = (), name: str | None = None) -> Broker:
+        broker = Broker(
+            tmp_path / (name or f"broker{len(made)}"), binary=mosquitto_binary, extra=extra
+        )
+        made.append(broker)
+        return broker
+
+    yield make
+    for broker in made:
+        broker.close()
+        print(f"--- mosquitto log tail ({broker.log_path}) ---\n{broker.log_tail()}")
+
+
+@pytest.fixture
+def broker(broker_factory: BrokerFactory) -> Broker:
+    """A broker on a reserved port, NOT started: call broker.start()."""
+    return broker_factory(name="broker")
+
+
+@pytest.fixture
+def subscriber_factory() -> Iterator[SubscriberFactory]:
+    """Make started subscribers: subscriber_factory(broker, topic_filter=UP_FILTER)."""
+    made: list[Subscriber] = []
+
+    def make(
+        broker: Broker, topic_filter: str = UP_FILTER, client_id: str | None = None
+    ) -> Subscriber:
+        sub = Subscriber(broker.port, topic_filter=topic_filter, client_id=client_id)
+        made.append(sub)
+        return sub.start()
+
+    yield make
+    for sub in reversed(made):
+        sub.close()
+
+
+@pytest.fixture
+def agent_factory(tmp_path: Path) -> Iterator[AgentFactory]:
+    """Make agents: agent_factory(broker or url or None, node_id=..., overrides=..., start=True)."""
+    made: list[Agent] = []
+
+    def make(
+        uplink: Broker | str | None = None,
+        *,
+        node_id: str = "node-a",
+        overrides: Overrides | None = None,
+        start: bool = True,
+        name: str | None = None,
+    ) -> Agent:
+        url = uplink.url if isinstance(uplink, Broker) else (uplink or "")
+        agent = Agent(
+            tmp_path / (name or f"agent{len(made)}"),
+            uplink=url,
+            node_id=node_id,
+            overrides=overrides,
+        )
+        made.append(agent)
+        return agent.start() if start else agent
+
+    yield make
+    for agent in reversed(made):
+        agent.close()
+
+
+@pytest.fixture
+def primed_subscriber(broker: Broker, subscriber_factory: SubscriberFactory) -> Subscriber:
+    """A subscriber whose persistent session exists on `broker`, which is left STOPPED.
+
+    Whatever the agent later gets into the broker is kept for this subscriber,
+    so nothing can slip past between the broker starting and a subscription.
+    """
+    broker.start()
+    sub = subscriber_factory(broker)
+    broker.stop()
+    return sub

@@ -253,12 +253,7 @@ class Outbox:
     async def close(self) -> None:
         """Commit what is pending and close the database. Safe to call twice."""
         if self._writer is not None and self._pending:
-            batch = self._take()
-            try:
-                await self._commit(batch)
-            except StorageError:
-                log.exception("final commit of outbox %s failed", self.path)
-            _settle(batch.waiters, None)
+            await self._commit_and_settle(self._take())
         await self._close_db()
         if self._thread is not None:
             self._thread.shutdown(wait=True)
@@ -287,13 +282,24 @@ class Outbox:
                 sweep_at = time.monotonic() + _SWEEP_EVERY
                 await self._sweep_expired()
             batch = self._take()
-            if not batch:
-                continue
-            try:
-                await self._commit(batch)
-            except StorageError as exc:
-                _settle(batch.waiters, exc)
-            else:
+            if batch:
+                await self._commit_and_settle(batch)
+
+    async def _commit_and_settle(self, batch: _Pending) -> None:
+        """Commit and answer the waiters; a stop waits for a commit already under way."""
+        commit = asyncio.ensure_future(self._commit(batch))
+        try:
+            await asyncio.shield(commit)
+        except asyncio.CancelledError:
+            await asyncio.wait([commit])
+            raise
+        except StorageError as exc:
+            # The waiters hear of it below; the writer lives on for the next batch.
+            log.error("%s", exc)
+        finally:
+            if commit.done() and not commit.cancelled() and commit.exception() is not None:
+                _settle(batch.waiters, commit.exception())
+            elif commit.done():
                 _settle(batch.waiters, None)
 
     def _take(self) -> _Pending:
@@ -316,6 +322,8 @@ class Outbox:
         try:
             done = await self._in_writer(self._write_batch, batch, self._clock())
         except sqlite3.Error as exc:
+            # Rows it should have deleted stay queued: give them back so they go out again.
+            self.release((*batch.acks, *(r for r, _ in batch.dead), *batch.expired))
             raise _storage_error(self.path, exc) from exc
         finally:
             self._unsettled_bytes -= batch.insert_bytes

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from edge.envelope import Envelope
-from edge.errors import EnvelopeError, QueueFull
+from edge.errors import EnvelopeError, QueueFull, StorageError
 from edge.outbox import Outbox
 from edge.settings import QueueSettings
 
@@ -224,3 +224,26 @@ def test_table_order_needs_no_index_for_sending(tmp_path: Path) -> None:
         "EXPLAIN QUERY PLAN SELECT k, body FROM outbox WHERE k > 0 ORDER BY k LIMIT 5"
     ).fetchall()
     assert not any("TEMP B-TREE" in str(row) for row in plan)
+
+
+async def test_a_failed_commit_answers_its_waiters_and_the_writer_goes_on(tmp_path: Path) -> None:
+    path = tmp_path / "o.db"
+    async with opened(path) as box:
+        await box.put("t", "before", "text/plain")
+        # Make the next transaction fail: a trigger that aborts inserts.
+        db = sqlite3.connect(path)
+        db.execute(
+            "CREATE TRIGGER no_more BEFORE INSERT ON outbox"
+            " BEGIN SELECT RAISE(ABORT, 'disk on fire'); END"
+        )
+        db.commit()
+        db.close()
+        with pytest.raises(StorageError, match="disk on fire"):
+            await box.put("t", "refused", "text/plain")
+        db = sqlite3.connect(path)
+        db.execute("DROP TRIGGER no_more")
+        db.commit()
+        db.close()
+        await box.put("t", "after", "text/plain")
+        sent = await drain(box)
+    assert [e.data for e in sent] == ["before", "after"]

@@ -36,6 +36,7 @@ class Connack:
 
     session_present: bool
     max_packet_size: int | None
+    receive_maximum: int | None  # QoS1 publishes the broker takes unacknowledged at once
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,7 +143,7 @@ class MqttConnection:
     def _readable(self) -> None:
         self.last_inbound = time.monotonic()
         self._probe_sent_at = None
-        self._client.loop_read(max_packets=100)
+        self._client.loop_read()
 
     def _writable(self) -> None:
         self._client.loop_write()
@@ -166,7 +167,8 @@ class MqttConnection:
             self._connack.set_exception(UplinkError(f"broker refused the connection: {rc}"))
             return
         max_size = getattr(props, "MaximumPacketSize", None) if props is not None else None
-        self._connack.set_result(Connack(bool(flags.session_present), max_size))
+        receive_max = getattr(props, "ReceiveMaximum", None) if props is not None else None
+        self._connack.set_result(Connack(bool(flags.session_present), max_size, receive_max))
 
     def _on_disconnect(
         self, client: paho.Client, userdata: Any, flags: Any, rc: ReasonCode,

@@ -144,7 +144,14 @@ class Uplink:
                  connack.session_present)
         conn.publish(f"{self.base}/status", self._status_payload("online"), retain=True)
         async with asyncio.TaskGroup() as tg:
-            pump = tg.create_task(self._pump(conn, connack.max_packet_size))
+            window = self.settings.inflight
+            if connack.receive_maximum is not None:
+                # MQTT 5: the broker may refuse more; keep one slot for status publishes.
+                window = max(1, min(window, connack.receive_maximum - 1))
+            if window < self.settings.inflight:
+                log.info("broker takes %d messages in flight at most; window %d -> %d",
+                         window, self.settings.inflight, window)
+            pump = tg.create_task(self._pump(conn, connack.max_packet_size, window))
             beat = tg.create_task(self._heartbeat(conn))
             dog = tg.create_task(self._watchdog(conn))
             reason = await conn.closed
@@ -172,17 +179,17 @@ class Uplink:
 
     # ---- moving rows -------------------------------------------------------------
 
-    async def _pump(self, conn: MqttConnection, max_packet: int | None) -> None:
+    async def _pump(self, conn: MqttConnection, max_packet: int | None, window: int) -> None:
         v5 = conn.v5
         while True:
-            rows = await self.outbox.fetch(self.settings.inflight)
+            rows = await self.outbox.fetch(window)
             if not rows:
                 await self.outbox.wait_more()
                 continue
             for row in rows:
                 self._held[row.key] = row
             for row in rows:
-                while self._busy >= self.settings.inflight:
+                while self._busy >= window:
                     self._slot_free.clear()
                     await self._slot_free.wait()
                 self._busy += 1

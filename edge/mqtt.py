@@ -25,7 +25,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from edge.errors import UplinkError
 
-__all__ = ["Connack", "MqttConnection", "PublishResult", "publish_packet_size"]
+__all__ = ["Closed", "Connack", "MqttConnection", "PublishResult", "publish_packet_size"]
 
 log = logging.getLogger("edge.mqtt")
 
@@ -37,6 +37,18 @@ class Connack:
     session_present: bool
     max_packet_size: int | None
     receive_maximum: int | None  # QoS1 publishes the broker takes unacknowledged at once
+
+
+@dataclass(frozen=True, slots=True)
+class Closed:
+    """How a connection ended."""
+
+    reason: str
+    by_peer: bool  # the broker or the network ended it, not this side's keepalive or abort
+    code: int | None = None  # the reason code of a DISCONNECT the broker sent (MQTT 5)
+
+
+_TAKEN_OVER = 0x8E
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,7 +115,9 @@ class MqttConnection:
         self._client.on_socket_register_write = self._on_register_write
         self._client.on_socket_unregister_write = self._on_unregister_write
         self._connack: asyncio.Future[Connack] = self._loop.create_future()
-        self._closed: asyncio.Future[str] = self._loop.create_future()
+        self._closed: asyncio.Future[Closed] = self._loop.create_future()
+        self._aborting = False
+        self.acks_received = 0  # PUBACKs this connection got: proof the link carried traffic
         self._pending: dict[int, Callable[[PublishResult], None]] = {}
         self._sock: Any = None
         self._misc: asyncio.TimerHandle | None = None
@@ -174,17 +188,29 @@ class MqttConnection:
         self, client: paho.Client, userdata: Any, flags: Any, rc: ReasonCode,
         props: Properties | None,
     ) -> None:
-        reason = "closed by the broker" if flags.is_disconnect_packet_from_server else str(rc)
+        code: int | None = None
+        if flags.is_disconnect_packet_from_server:
+            code = int(rc.value)
+            reason = f"the broker disconnected: {rc} (0x{code:02x})"
+            if code == _TAKEN_OVER:
+                reason += (
+                    f"; another client connected with the same client id {client._client_id!r}"
+                    " (is the node id unique? cloned images share /etc/machine-id)"
+                )
+        else:
+            reason = f"connection lost: {rc}"
+        by_peer = not self._aborting and "keep alive" not in str(rc).lower()
         if not self._connack.done():
-            self._connack.set_exception(UplinkError(f"connection lost before CONNACK: {reason}"))
+            self._connack.set_exception(UplinkError(f"before CONNACK: {reason}"))
         if not self._closed.done():
-            self._closed.set_result(reason)
+            self._closed.set_result(Closed(reason, by_peer, code))
         if self._misc is not None:
             self._misc.cancel()
 
     def _on_publish(
         self, client: paho.Client, userdata: Any, mid: int, rc: ReasonCode, props: Properties
     ) -> None:
+        self.acks_received += 1
         done = self._pending.pop(mid, None)
         if done is not None:
             done(PublishResult(not rc.is_failure, "" if not rc.is_failure else str(rc)))
@@ -247,8 +273,8 @@ class MqttConnection:
         return fut
 
     @property
-    def closed(self) -> asyncio.Future[str]:
-        """Resolves with a reason when the connection has ended."""
+    def closed(self) -> asyncio.Future[Closed]:
+        """Resolves with how the connection ended."""
         return self._closed
 
     def probe(self) -> None:
@@ -261,6 +287,9 @@ class MqttConnection:
 
     def abort(self, reason: str = "aborted") -> None:
         """Drop the connection at once, without a DISCONNECT (the peer may be gone)."""
+        if not self._closed.done():
+            self._closed.set_result(Closed(reason, by_peer=False))
+        self._aborting = True
         sock: Any = self._client.socket()
         if sock is not None:
             try:
@@ -268,8 +297,6 @@ class MqttConnection:
             except OSError:
                 pass
             self._readable()  # let paho see the EOF and run its close path
-        if not self._closed.done():
-            self._closed.set_result(reason)
         if self._misc is not None:
             self._misc.cancel()
 
@@ -277,6 +304,7 @@ class MqttConnection:
         """Say goodbye with a DISCONNECT and wait briefly for the socket to close."""
         if self._closed.done():
             return
+        self._aborting = True  # our own goodbye, not the broker's doing
         self._client.disconnect()
         try:
             async with asyncio.timeout(timeout):

@@ -21,13 +21,22 @@ import cbor2
 from edge.backoff import Backoff
 from edge.config import parse_mqtt_url
 from edge.errors import StorageError, UplinkError
-from edge.mqtt import MqttConnection, PublishResult, publish_packet_size
+from edge.mqtt import Closed, MqttConnection, PublishResult, publish_packet_size
 from edge.outbox import Outbox, OutRow
 from edge.settings import UplinkSettings
 
 __all__ = ["Uplink", "UplinkState"]
 
 log = logging.getLogger("edge.uplink")
+
+# MQTT 5 DISCONNECT reasons that blame the packet just received, not the session.
+_REFUSES_MESSAGE = {
+    0x81: "malformed packet",
+    0x90: "topic name invalid",
+    0x95: "packet too large",
+    0x99: "payload format invalid",
+}
+_STRIKE_WINDOW = 5.0  # seconds: a drop later than this after sending is not the message's fault
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +77,7 @@ class Uplink:
         self._busy = 0  # window slots in use: unacknowledged, or acknowledged but not deleted
         self._slot_free = asyncio.Event()
         self._held: dict[int, OutRow] = {}  # leased rows not yet acknowledged
+        self._sent_at: dict[int, float] = {}  # row key -> monotonic time it was published
         self._strikes: dict[int, int] = {}  # row key -> connections that died on it
         self._stopping = False
         self._ack_batch: list[OutRow] = []
@@ -154,11 +164,11 @@ class Uplink:
             pump = tg.create_task(self._pump(conn, connack.max_packet_size, window))
             beat = tg.create_task(self._heartbeat(conn))
             dog = tg.create_task(self._watchdog(conn))
-            reason = await conn.closed
+            closed = await conn.closed
             for task in (pump, beat, dog):
                 task.cancel()
-        self._strike_oldest_held(reason)
-        raise UplinkError(f"connection lost: {reason}")
+        self._judge_oldest_held(conn, closed)
+        raise UplinkError(closed.reason)
 
     async def _heartbeat(self, conn: MqttConnection) -> None:
         while True:
@@ -201,6 +211,7 @@ class Uplink:
                         f" of {max_packet} bytes",
                     )
                     continue
+                self._sent_at[row.key] = time.monotonic()
                 if not conn.send(topic, row.body, partial(self._on_puback, row)):
                     # The connection is going down; the row goes out again on the next one.
                     self._release(1)
@@ -209,6 +220,7 @@ class Uplink:
     def _on_puback(self, row: OutRow, result: PublishResult) -> None:
         self._strikes.pop(row.key, None)
         self._held.pop(row.key, None)
+        self._sent_at.pop(row.key, None)
         if result.ok:
             self._ack_batch.append(row)
             if len(self._ack_batch) == 1:
@@ -249,27 +261,47 @@ class Uplink:
         if self._held:
             self.outbox.release(list(self._held.values()))
             self._held.clear()
+        self._sent_at.clear()
 
-    def _strike_oldest_held(self, reason: str) -> None:
-        """A broker that drops the connection on one message every time refuses it.
+    def _judge_oldest_held(self, conn: MqttConnection, closed: Closed) -> None:
+        """Decide whether the connection ended because of the oldest message in flight.
 
-        MQTT 3.1.1 brokers cannot say why; after `refused_limit` connections that
-        ended with the same oldest unacknowledged row, that row is dead-lettered
-        so the messages behind it can flow.
+        An MQTT 5 broker says so in its DISCONNECT. An MQTT 3.1.1 broker can only
+        close the socket: a row is blamed when the broker (not a keepalive) closed a
+        link that had carried PUBACKs, within seconds of the row being sent, and
+        that happened `refused_limit` times running. A flaky network or a broker
+        outage never dead-letters anything.
         """
         if not self._held:
             return
         row = min(self._held.values(), key=lambda r: r.key)
+        if closed.code in _REFUSES_MESSAGE:
+            self._dead_letter_after_close(row, f"the broker disconnected on it: {closed.reason}")
+            return
+        sent_at = self._sent_at.get(row.key)
+        suspicious = (
+            self.settings.protocol == "3.1.1"
+            and closed.by_peer
+            and conn.acks_received > 0
+            and sent_at is not None
+            and time.monotonic() - sent_at < _STRIKE_WINDOW
+        )
+        if not suspicious:
+            self._strikes.clear()
+            return
         strikes = self._strikes.get(row.key, 0) + 1
         self._strikes = {row.key: strikes}
         if strikes >= self.settings.refused_limit:
-            del self._strikes[row.key]
-            self._held.pop(row.key, None)
-            self._spawn_dead_letter_detached(
-                row, f"the broker closed the connection each of the {strikes} times this"
-                f" message was in flight ({reason}); it is likely over the broker's size"
-                " limit or not allowed",
+            self._strikes.clear()
+            self._dead_letter_after_close(
+                row, f"the broker closed the connection each of the {strikes} times right"
+                f" after this message was sent ({closed.reason}); it is likely over the"
+                " broker's size limit or not allowed",
             )
+
+    def _dead_letter_after_close(self, row: OutRow, reason: str) -> None:
+        self._held.pop(row.key, None)
+        self._spawn_dead_letter_detached(row, reason)
 
     def _spawn_dead_letter_detached(self, row: OutRow, reason: str) -> None:
         # The window belongs to the dead connection; no slot to give back.

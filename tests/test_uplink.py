@@ -6,9 +6,13 @@ import threading
 import time
 from typing import Any
 
+import pytest
+
 from tests.conftest import AgentFactory, BrokerFactory
 from tests.support.broker import Broker
 from tests.support.expect import accepted_seqs, publish_items
+from tests.support.net import wait_until
+from tests.support.proxy import FlakyProxy
 from tests.support.subscriber import wait_status
 
 KEEPALIVE = 2.0
@@ -122,3 +126,26 @@ def test_sigterm_publishes_offline_status_and_exits_zero_keeping_the_backlog(
     agent.start()
     assert agent.wait_drained(timeout=15)["queue"]["depth"] == 0
     assert seqs  # every one was accepted before the stop
+
+
+@pytest.mark.parametrize("protocol", ["5", "3.1.1"])
+def test_a_flaky_link_never_dead_letters_a_good_message(
+    protocol: str, broker: Broker, subscriber_factory: Any, agent_factory: AgentFactory
+) -> None:
+    broker.start()
+    sub = subscriber_factory(broker)
+    proxy = FlakyProxy(broker.port, cut_after=0.5).start()
+    try:
+        agent = agent_factory(
+            proxy.url,
+            overrides={"uplink": {"protocol": protocol, "refused_limit": 2,
+                                  "backoff_max": "0.2s"}},
+        )
+        seq = agent.publish_ok("valid/important", "perfectly fine message")["seq"]
+        wait_until(lambda: proxy.connections >= 6, timeout=20, what="6 cut connections")
+        assert agent.queue()["dead"] == 0, agent.queue()["dead_letters"]
+        proxy.flaky = False  # the network heals
+        sub.wait_for_seqs([seq], timeout=20)
+        assert agent.wait_drained(timeout=10)["queue"]["dead"] == 0
+    finally:
+        proxy.close()

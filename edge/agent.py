@@ -7,6 +7,7 @@ import contextlib
 import fcntl
 import logging
 import os
+import resource
 import signal
 import time
 from collections.abc import Callable
@@ -42,6 +43,8 @@ class Agent:
             max_line=settings.api.max_line_bytes,
             submit=self._submit,
             handlers={"status": self._status, "queue": self._queue},
+            # Leave descriptors for the database, the broker and the process itself.
+            max_connections=max(8, min(1024, self._raise_fd_limit() // 2 - 32)),
         )
         self.rates = RateMeter()
         self._stop = asyncio.Event()
@@ -56,7 +59,7 @@ class Agent:
             await self.outbox.open()
             await self.api.start()
             loop = asyncio.get_running_loop()
-            for sig in (signal.SIGTERM, signal.SIGINT):
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.add_signal_handler(sig, self.stop)
             log.info(
                 "edge %s running as node %s (data %s, socket %s, uplink %s)",
@@ -85,6 +88,19 @@ class Agent:
     def stop(self) -> None:
         """Ask the agent to shut down (idempotent)."""
         self._stop.set()
+
+    @staticmethod
+    def _raise_fd_limit() -> int:
+        """Lift the soft descriptor limit to the hard one; return what we may use."""
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        want = hard if hard != resource.RLIM_INFINITY else 65536
+        if soft != resource.RLIM_INFINITY and soft < want:
+            try:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+                soft = want
+            except (ValueError, OSError):
+                pass
+        return int(soft if soft != resource.RLIM_INFINITY else 65536)
 
     def _lock_data_dir(self) -> None:
         data_dir = self.settings.node.data_dir
@@ -164,12 +180,13 @@ class Agent:
 
     async def _queue(self, req: dict[str, Any]) -> dict[str, Any]:
         view = await self._queue_view()
+        view = {"ok": True, **view}
         view.update({
-            "ok": True,
             "max_bytes": self.settings.queue.max_bytes,
             "on_full": self.settings.queue.on_full,
             "by_priority": {str(p): n for p, n in self.outbox.by_priority().items()},
             "dead_letters": await self.outbox.dead_letters(),
+            "dead_kept": await self.outbox.dead_kept(),
         })
         return view
 

@@ -31,19 +31,41 @@ Submit = Callable[[str, Any, str, int, float | None], tuple[int, str, "asyncio.F
 
 _MAX_TOPIC = 1024
 _PIPELINE_DEPTH = 4096  # answers a connection may owe before we stop reading it
+_BACKLOG = 1024  # pending connects the kernel holds for us
 
 
-def parse_publish(req: dict[str, Any]) -> tuple[str, Any, str, int, float | None]:
-    """Validate a publish request: (topic, data, ct, prio, ttl), or RequestError."""
-    topic = req.get("topic")
+def _bad_char(text: str) -> str | None:
+    """The first character MQTT brokers refuse in a topic, described, or None."""
+    for ch in text:
+        code = ord(ch)
+        if code < 0x20 or 0x7F <= code <= 0x9F:
+            return f"control character U+{code:04X}"
+        if 0xD800 <= code <= 0xDFFF:
+            return f"lone surrogate U+{code:04X}"
+        if code in (0xFFFE, 0xFFFF) or 0xFDD0 <= code <= 0xFDEF:
+            return f"non-character U+{code:04X}"
+    return None
+
+
+def validate_topic(topic: object) -> str:
+    """A local topic as the socket API accepts it, or RequestError saying why not."""
     if not isinstance(topic, str) or not topic:
         raise RequestError("bad_request", "publish needs 'topic', a non-empty string")
-    if len(topic) > _MAX_TOPIC or "\0" in topic:
-        raise RequestError("bad_request", f"'topic' must be under {_MAX_TOPIC} characters")
+    if len(topic) > _MAX_TOPIC:
+        raise RequestError("bad_request", f"'topic' must be at most {_MAX_TOPIC} characters")
+    bad = _bad_char(topic)
+    if bad is not None:
+        raise RequestError("bad_request", f"'topic' holds a {bad}, which MQTT does not carry")
     if "+" in topic or "#" in topic or topic.startswith("/") or topic.startswith("$"):
         raise RequestError(
             "bad_request", f"'topic' {topic!r} may not hold '+', '#' or start with '/' or '$'"
         )
+    return topic
+
+
+def parse_publish(req: dict[str, Any]) -> tuple[str, Any, str, int, float | None]:
+    """Validate a publish request: (topic, data, ct, prio, ttl), or RequestError."""
+    topic = validate_topic(req.get("topic"))
     if "data" in req and "data_b64" in req:
         raise RequestError("bad_request", "give 'data' or 'data_b64', not both")
     data: Any
@@ -68,9 +90,11 @@ def parse_publish(req: dict[str, Any]) -> tuple[str, Any, str, int, float | None
         raise RequestError("bad_request", "'prio' must be an integer")
     ttl = req.get("ttl")
     if ttl is not None and (
-        not isinstance(ttl, (int, float)) or isinstance(ttl, bool) or ttl < 0 or ttl != ttl
+        not isinstance(ttl, (int, float)) or isinstance(ttl, bool) or not 0 <= ttl < 1e10
     ):
-        raise RequestError("bad_request", "'ttl' must be a non-negative number of seconds")
+        raise RequestError(
+            "bad_request", "'ttl' must be a finite, non-negative number of seconds (0: never)"
+        )
     return topic, data, ct, prio, None if not ttl else float(ttl)
 
 
@@ -88,6 +112,7 @@ class ApiServer:
         max_line: int,
         submit: Submit,
         handlers: dict[str, Handler],
+        max_connections: int = 256,
     ) -> None:
         self.path = path
         self.max_line = max_line
@@ -97,10 +122,11 @@ class ApiServer:
         self.rejected: dict[str, int] = {}
         self._logged_at: dict[str, float] = {}
         self.connections = 0
+        self.max_connections = max_connections
 
     async def start(self) -> None:
         """Bind the socket (mode 0660); a stale socket file is replaced."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        _check_socket_dir(self.path.parent)
         if self.path.exists() or self.path.is_symlink():
             if await _answers(self.path):
                 raise EdgeError(f"another agent is already serving {self.path}")
@@ -108,7 +134,7 @@ class ApiServer:
         old = os.umask(0o117)
         try:
             self._server = await asyncio.start_unix_server(
-                self._serve, path=str(self.path), limit=self.max_line
+                self._serve, path=str(self.path), limit=self.max_line, backlog=_BACKLOG
             )
         finally:
             os.umask(old)
@@ -131,6 +157,14 @@ class ApiServer:
         return _error(code, message)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self.connections >= self.max_connections:
+            # Each connection holds a descriptor; past the cap, say so and hang up.
+            answer = self._reject(
+                "busy", f"the agent serves at most {self.max_connections} connections at once"
+            )
+            writer.write(json.dumps(answer).encode() + b"\n")
+            writer.close()
+            return
         self.connections += 1
         answers: asyncio.Queue[Awaitable[dict[str, Any]] | None] = asyncio.Queue(_PIPELINE_DEPTH)
         try:
@@ -173,6 +207,8 @@ class ApiServer:
     ) -> None:
         while (pending := await answers.get()) is not None:
             answer = await pending
+            if writer.is_closing():
+                continue  # the client hung up; its messages are stored all the same
             writer.write(json.dumps(answer, separators=(",", ":")).encode() + b"\n")
             if answers.empty():
                 await writer.drain()
@@ -180,12 +216,16 @@ class ApiServer:
     def _dispatch(self, line: bytes) -> Awaitable[dict[str, Any]]:
         """Parse a line and start serving it; the answer is awaited in order."""
         try:
-            req = json.loads(line)
-        except (ValueError, UnicodeDecodeError) as exc:
+            req = json.loads(line.decode("utf-8"))
+        except UnicodeDecodeError as exc:
+            return _done(self._reject("bad_json", f"request is not UTF-8 text: {exc}"))
+        except ValueError as exc:
             return _done(self._reject("bad_json", f"request is not JSON: {exc}"))
         if not isinstance(req, dict):
             return _done(self._reject("bad_request", "request must be a JSON object"))
         op = req.get("op")
+        if not isinstance(op, str):
+            return _done(self._reject("bad_request", "request needs 'op', a string"))
         if op == "publish":
             # Queued now, answered when its commit lands: pipelined requests share commits.
             try:
@@ -237,6 +277,23 @@ async def _discard_line(reader: asyncio.StreamReader, chunk: int) -> None:
             await reader.readexactly(exc.consumed)
         except asyncio.IncompleteReadError:
             return
+
+
+def _check_socket_dir(directory: Path) -> None:
+    """Create the socket's directory, and refuse one that others could tamper with."""
+    try:
+        directory.mkdir(mode=0o755, parents=True, exist_ok=True)
+        info = directory.stat()
+    except OSError as exc:
+        raise EdgeError(f"socket directory {directory}: {exc.strerror}") from exc
+    if not directory.is_dir():
+        raise EdgeError(f"socket directory {directory} is not a directory")
+    if info.st_uid not in (os.geteuid(), 0) or info.st_mode & 0o002:
+        raise EdgeError(
+            f"socket directory {directory} is writable by others or owned by another user:"
+            " anyone could replace the socket; use a directory only this user can write"
+            " ([api] socket)"
+        )
 
 
 async def _answers(path: Path) -> bool:

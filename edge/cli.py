@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import base64
 import json
 import os
+import re
 import sys
 import time
 from collections.abc import Sequence
@@ -19,6 +21,24 @@ __all__ = ["main"]
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE, EXIT_NO_AGENT = 0, 1, 2, 3
 
+_LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+# Content types whose payload is text; with any other --ct, stdin is sent as bytes.
+_TEXT_TYPES = ("application/json", "application/xml")
+
+
+class _OutputFailed(EdgeError):
+    """Standard output could not be written (a full disk, a closed terminal)."""
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a number of seconds above 0, got {text!r}")
+    return value
+
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
@@ -30,6 +50,8 @@ def _parser() -> argparse.ArgumentParser:
         c = sub.add_parser(name, help=help)
         c.add_argument("--socket", type=Path, help="the agent's socket (default: from config)")
         c.add_argument("--config", type=Path, help=f"config file (default {DEFAULT_CONFIG})")
+        c.add_argument("--timeout", type=_seconds, default=10.0, metavar="SECONDS",
+                       help="give up when the agent does not answer within this (default 10)")
         return c
 
     run = sub.add_parser("run", help="run the agent in the foreground")
@@ -37,7 +59,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--uplink", metavar="URL", help="cloud broker, e.g. mqtt://host:1883")
     run.add_argument("--data-dir", metavar="DIR", help="where the outbox lives")
     run.add_argument("--node-id", metavar="ID", help="this node's id")
-    run.add_argument("--log-level", metavar="LEVEL", help="DEBUG, INFO, WARNING, ERROR")
+    run.add_argument("--log-level", type=str.upper, choices=_LOG_LEVELS, metavar="LEVEL",
+                     help="DEBUG, INFO, WARNING or ERROR (default INFO, or $EDGE_LOG_LEVEL)")
 
     for name, what in (("status", "show the agent's state"), ("queue", "show the outbox")):
         c = client(name, what)
@@ -45,8 +68,17 @@ def _parser() -> argparse.ArgumentParser:
 
     pub = client("publish", "queue one message (answers once it is stored)")
     pub.add_argument("topic")
-    pub.add_argument("data", nargs="?", default="-", help="the payload, or - for stdin")
-    pub.add_argument("--ct", help="content type (default text/plain)")
+    pub.add_argument(
+        "data", nargs="?",
+        help="the payload; - reads it from stdin, as does leaving it out when stdin is"
+        " not a terminal",
+    )
+    pub.add_argument(
+        "--ct",
+        help="content type (default text/plain, or application/octet-stream for a payload"
+        " that is not UTF-8). With a --ct other than text/*, application/json, */*+json or"
+        " application/xml the payload is sent as bytes",
+    )
     pub.add_argument("--prio", type=int, default=0, help="priority, higher first")
     pub.add_argument("--ttl", type=float, help="seconds before it expires unsent")
     pub.add_argument("--json", action="store_true", help="print the answer as JSON")
@@ -80,8 +112,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_FAIL
     except BrokenPipeError:
         # The reader went away (`edge status | head`): not our failure.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        _discard_stdout()
         return EXIT_OK
+
+
+def _discard_stdout() -> None:
+    """Point stdout at /dev/null so that the flush at exit does not fail again."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
+def _say(text: object, accepted: int | None = None) -> None:
+    """Print `text` to stdout now; a failed write is an EdgeError naming what was done."""
+    try:
+        print(text)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        raise
+    except OSError as exc:
+        _discard_stdout()
+        done = "" if accepted is None else f" (the message was accepted as seq {accepted})"
+        raise _OutputFailed(f"cannot write output: {exc.strerror or exc}{done}") from exc
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -99,7 +149,7 @@ def _run(args: argparse.Namespace) -> int:
 
 def _config_check(path: Path) -> int:
     settings = load_settings(path, must_exist=True)
-    print(f"{path}: ok (node {settings.node.id}, uplink {settings.uplink.url or 'none'})")
+    _say(f"{path}: ok (node {settings.node.id}, uplink {settings.uplink.url or 'none'})")
     return EXIT_OK
 
 
@@ -115,47 +165,70 @@ def _socket_path(args: argparse.Namespace) -> Path:
 
 
 def _client_command(args: argparse.Namespace) -> int:
-    with ApiClient(_socket_path(args)) as api:
-        if args.command == "publish":
-            return _publish(api, args)
-        answer = api.request({"op": args.command})
+    request: dict[str, Any] | None = {"op": args.command}
+    if args.command == "publish":
+        # Read the payload before connecting: stdin may take its time.
+        request = _publish_request(args)
+    if request is None:
+        print("edge: give DATA, or - to read it from stdin", file=sys.stderr)
+        return EXIT_USAGE
+    with ApiClient(_socket_path(args), timeout=args.timeout) as api:
+        answer = api.request(request)
     if not answer.get("ok"):
         return _fail(answer)
-    if args.json:
-        print(json.dumps(answer, indent=2))
+    if args.command == "publish":
+        _say(json.dumps(answer) if args.json else answer["seq"], accepted=answer["seq"])
+    elif args.json:
+        _say(json.dumps(answer, indent=2))
     elif args.command == "status":
-        print(_status_table(answer))
+        _say(_status_table(answer))
     else:
-        print(_queue_table(answer))
+        _say(_queue_table(answer))
     return EXIT_OK
 
 
-def _publish(api: ApiClient, args: argparse.Namespace) -> int:
+def _publish_request(args: argparse.Namespace) -> dict[str, Any] | None:
+    """Build the publish request, or None when DATA is missing and stdin is a terminal."""
     req: dict[str, Any] = {"op": "publish", "topic": args.topic, "prio": args.prio}
-    if args.data == "-":
+    if args.data is None and (sys.stdin is None or sys.stdin.isatty()):
+        return None
+    if args.data is None or args.data == "-":
         raw = sys.stdin.buffer.read()
+    else:
+        raw = os.fsencode(args.data)  # the argument's bytes as they came in
+    if args.ct and not _is_text_type(args.ct):
+        # Declared binary: bytes that happen to be valid UTF-8 must not arrive as text.
+        req["data_b64"] = base64.b64encode(raw).decode()
+    else:
         try:
             req["data"] = raw.decode()
         except UnicodeDecodeError:
-            import base64
-
             req["data_b64"] = base64.b64encode(raw).decode()
-    else:
-        req["data"] = args.data
     if args.ct:
         req["ct"] = args.ct
     if args.ttl is not None:
         req["ttl"] = args.ttl
-    answer = api.request(req)
-    if not answer.get("ok"):
-        return _fail(answer)
-    print(json.dumps(answer) if args.json else answer["seq"])
-    return EXIT_OK
+    return req
+
+
+def _is_text_type(ct: str) -> bool:
+    media = ct.split(";", 1)[0].strip().lower()
+    return media.startswith("text/") or media.endswith("+json") or media in _TEXT_TYPES
 
 
 def _fail(answer: dict[str, Any]) -> int:
     err = answer.get("error") or {}
-    print(f"edge: {err.get('code', 'error')}: {err.get('message', answer)}", file=sys.stderr)
+    code, message = err.get("code", "error"), err.get("message", answer)
+    if code == "too_long":
+        limit = re.search(r"(\d+) bytes", str(message))
+        per_line = f"max {limit[1]} bytes per request line; " if limit else ""
+        print(
+            f"edge: the payload is too large for the socket API ({per_line}"
+            "see [queue] max_message_bytes)",
+            file=sys.stderr,
+        )
+    else:
+        print(f"edge: {code}: {message}", file=sys.stderr)
     return EXIT_FAIL
 
 
@@ -180,6 +253,10 @@ def _size(n: int) -> str:
     return f"{n}B"
 
 
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
 def _rows(pairs: list[tuple[str, str]]) -> str:
     width = max(len(k) for k, _ in pairs)
     return "\n".join(f"{k.ljust(width)}  {v}" for k, v in pairs)
@@ -190,14 +267,16 @@ def _status_table(s: dict[str, Any]) -> str:
     since = _age(time.time() - up["since"]) if up.get("since") else "-"
     uplink = f"{up['state']} for {since}"
     if up.get("url"):
-        uplink += f" ({up['url']}, {up.get('connects', 0)} connects)"
+        uplink += f" ({up['url']}, {_count(up.get('connects', 0), 'connect')})"
     rows = [("node", s["node"]), ("uplink", uplink)]
     if up.get("last_error") and up["state"] != "online":
         rows.append(("last error", up["last_error"]))
     rows += [
-        ("queue", f"{q['depth']} messages, {_size(q['bytes'])}, oldest {_age(q['oldest_age'])}"),
+        ("queue", f"{_count(q['depth'], 'message')}, {_size(q['bytes'])},"
+                  f" oldest {_age(q['oldest_age'])}"),
         ("rate", f"{q.get('rate_in', 0):.1f}/s in, {q.get('rate_out', 0):.1f}/s out"),
-        ("lost", f"{q['dropped']} dropped, {q['expired']} expired, {q['dead']} dead letters"),
+        ("lost", f"{q['dropped']} dropped, {q['expired']} expired,"
+                 f" {_count(q['dead'], 'dead letter')}"),
     ]
     return _rows(rows)
 

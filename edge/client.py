@@ -18,6 +18,7 @@ class ApiClient:
 
     def __init__(self, path: Path, timeout: float = 30.0) -> None:
         self.path = path
+        self.timeout = timeout
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self._sock.settimeout(timeout)
         try:
@@ -31,6 +32,12 @@ class ApiClient:
         except PermissionError as exc:
             self._sock.close()
             raise EdgeError(f"not allowed to open {path}: {exc.strerror}") from exc
+        except TimeoutError as exc:  # a stopped agent whose listen backlog is full
+            self._sock.close()
+            raise self._no_answer() from exc
+        except OSError as exc:  # a path too long for AF_UNIX, not a socket, ...
+            self._sock.close()
+            raise EdgeError(f"cannot connect to {path}: {exc.strerror or exc}") from exc
         self._file = self._sock.makefile("rb")
 
     def __enter__(self) -> ApiClient:
@@ -66,7 +73,14 @@ class ApiClient:
                 buf += json.dumps(req, separators=(",", ":")).encode() + b"\n"
                 outstanding += 1
             if buf:
-                self._sock.sendall(buf)
+                try:
+                    self._sock.sendall(buf)
+                except TimeoutError as exc:  # the agent stopped reading
+                    raise self._no_answer() from exc
+                except OSError as exc:
+                    raise AgentNotRunning(
+                        f"the agent at {self.path} closed the connection: {exc.strerror or exc}"
+                    ) from exc
             if outstanding == 0:
                 return
             yield self._read()
@@ -76,10 +90,20 @@ class ApiClient:
         try:
             line = self._file.readline()
         except TimeoutError as exc:
-            raise EdgeError(f"the agent at {self.path} did not answer in time") from exc
+            raise self._no_answer() from exc
+        except OSError as exc:
+            raise AgentNotRunning(
+                f"the agent at {self.path} closed the connection: {exc.strerror or exc}"
+            ) from exc
         if not line:
             raise AgentNotRunning(f"the agent at {self.path} closed the connection")
-        answer = json.loads(line)
+        try:
+            answer = json.loads(line)
+        except ValueError:
+            answer = None
         if not isinstance(answer, dict):
             raise EdgeError(f"the agent at {self.path} sent a malformed answer")
         return answer
+
+    def _no_answer(self) -> EdgeError:
+        return EdgeError(f"the agent at {self.path} did not answer within {self.timeout:g}s")

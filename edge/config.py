@@ -47,21 +47,39 @@ T = TypeVar("T")
 Parser = Callable[[Any], Any]
 Values = dict[str, dict[str, Any]]
 
-_DEFAULT_PORTS = {"mqtt": 1883, "mqtts": 8883}
+_MQTT_PORT = 1883
+_NO_TLS = "TLS (mqtts://) is not supported in this version; use mqtt:// on a trusted network"
 _PROFILE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+# Whitespace and C0/C1 controls: urlsplit keeps some (a trailing space becomes
+# part of the host name) and silently drops others (tab, newline).
+_URL_JUNK = re.compile(r"[\s\x00-\x1f\x7f-\x9f]")
+# The same controls, and the two Unicode non-characters, make a topic that
+# brokers refuse or mangle.
+_TOPIC_JUNK = re.compile(r"[\x00-\x1f\x7f-\x9f\ufffe\uffff]")
+# sun_path is 108 bytes on Linux, one of them the terminating NUL.
+_SOCKET_PATH_MAX = 107
+_MIN_LINE_BYTES = 4096
+# The longest request line: a binary payload grows by a third in base64, and the
+# JSON around it (topic, ct, escapes) fits in 64 KiB.
+_LINE_OVERHEAD = 64 * 1024
 
 
 def parse_mqtt_url(url: str) -> tuple[str, str, int]:
-    """Split "mqtt://host[:port]" or "mqtts://host[:port]" into (scheme, host, port)."""
-    expected = f"expected mqtt://host[:port] or mqtts://host[:port], got {_show(url)}"
+    """Split "mqtt://host[:port]" into (scheme, host, port); "mqtts://" is refused."""
+    expected = f"expected mqtt://host[:port], got {_show(url)}"
+    if url.lower().startswith("mqtts://"):
+        # Refused rather than connected to in plaintext behind the user's back.
+        raise ValueError(f"expected mqtt://host[:port] ({_NO_TLS}), got {_show(url)}")
     try:
         parts = urlsplit(url)
         port = parts.port
     except ValueError:  # a port that is not a number from 0 to 65535
         raise ValueError(expected) from None
     if (
-        parts.scheme not in _DEFAULT_PORTS
+        _URL_JUNK.search(url)
+        or parts.scheme != "mqtt"
         or not parts.hostname
+        or parts.netloc.endswith(":")  # "host:" with the port left out
         or parts.username is not None
         or parts.path not in ("", "/")
         or parts.query
@@ -69,7 +87,7 @@ def parse_mqtt_url(url: str) -> tuple[str, str, int]:
         or port == 0
     ):
         raise ValueError(expected)
-    return parts.scheme, parts.hostname, port or _DEFAULT_PORTS[parts.scheme]
+    return parts.scheme, parts.hostname, port or _MQTT_PORT
 
 
 def default_data_dir() -> Path:
@@ -103,6 +121,7 @@ def load_settings(
     """Return Settings from the file at `path` (None: defaults), overridden by the flags."""
     document, source = _read(path, must_exist)
     values = _parse_document(document, source)
+    _check_together(values, document, source)
     flags = (
         ("--uplink", "uplink", "url", uplink),
         ("--data-dir", "node", "data_dir", None if data_dir is None else os.fspath(data_dir)),
@@ -141,6 +160,17 @@ def _path(value: Any) -> Path:
     if not isinstance(value, str) or not value or "\0" in value:
         raise ValueError(f"expected a path, got {_show(value)}")
     return Path(value).expanduser()
+
+
+def _socket_path(value: Any) -> Path:
+    path = _path(value)
+    length = len(os.fsencode(path))
+    if length > _SOCKET_PATH_MAX:
+        raise ValueError(
+            f"expected a socket path of at most {_SOCKET_PATH_MAX} bytes (the AF_UNIX limit),"
+            f" got {_show(value)} ({length} bytes)"
+        )
+    return path
 
 
 def _integer(low: int, high: int) -> Parser:
@@ -182,7 +212,14 @@ def _mqtt_url(value: Any) -> str:
 
 
 def _is_prefix(prefix: str) -> bool:
-    return bool(prefix) and not (set(prefix) & set("+#\0")) and prefix.strip("/") == prefix
+    return (
+        bool(prefix)
+        and not (set(prefix) & set("+#"))
+        and not _TOPIC_JUNK.search(prefix)
+        # Topics starting with "$" are the broker's ($SYS); clients may not publish there.
+        and not prefix.startswith("$")
+        and prefix.strip("/") == prefix
+    )
 
 
 def _is_topic_filter(topic: str) -> bool:
@@ -203,6 +240,10 @@ def _positive(seconds: float) -> bool:
     return seconds > 0
 
 
+def _off_or_at_least_1s(seconds: float) -> bool:
+    return seconds == 0 or seconds >= 1
+
+
 # (section, key) -> parser. Keys are the field names of the section's dataclass.
 _SECTIONS: dict[str, dict[str, Parser]] = {
     "node": {
@@ -213,8 +254,9 @@ _SECTIONS: dict[str, dict[str, Parser]] = {
     },
     "uplink": {
         "url": _mqtt_url,
-        "prefix": _checked(_text, 'a topic prefix like "edge/v1" without "+", "#" '
-                           'or a leading or trailing "/"', _is_prefix),
+        "prefix": _checked(_text, 'a topic prefix like "edge/v1" without "+", "#", '
+                           'control characters, a leading "$" or a leading or trailing "/"',
+                           _is_prefix),
         # MQTT carries keepalive as a 16-bit number of seconds.
         "keepalive": _checked(parse_duration, "a duration from 1s to 65535s",
                               lambda seconds: 1 <= seconds <= 65535),
@@ -234,7 +276,9 @@ _SECTIONS: dict[str, dict[str, Parser]] = {
         "on_full": _choice("drop-oldest", "reject"),
         "default_ttl": parse_duration,
         "durability": _choice("off", "normal", "full"),
-        "commit_interval": parse_duration,
+        # Every publish waits this long for its answer: more than a second is a stall.
+        "commit_interval": _checked(parse_duration, "a duration from 0s to 1s",
+                                    lambda seconds: seconds <= 1),
         "max_message_bytes": _checked(parse_size, 'a size above 0 like "1MiB"', _positive),
     },
     "local": {
@@ -242,11 +286,14 @@ _SECTIONS: dict[str, dict[str, Parser]] = {
         "forward": _topic_filters,
     },
     "api": {
-        "socket": _path,
-        "max_line_bytes": _checked(parse_size, 'a size above 0 like "1MiB"', _positive),
+        "socket": _socket_path,
+        "max_line_bytes": _checked(parse_size, 'a size of at least 4KiB like "2MiB"',
+                                   lambda size: size >= _MIN_LINE_BYTES),
     },
     "telemetry": {
-        "interval": parse_duration,
+        # Each sample is a queued message: sub-second sampling floods the outbox.
+        "interval": _checked(parse_duration, '"0s" (off) or a duration of at least 1s',
+                             _off_or_at_least_1s),
     },
     "discovery": {
         "enabled": _boolean,
@@ -303,6 +350,23 @@ def _parse_document(document: dict[str, Any], source: str) -> Values:
     return values
 
 
+def _check_together(values: Values, document: dict[str, Any], source: str) -> None:
+    """Refuse keys that are valid alone but not together."""
+    uplink = values.get("uplink", {})
+    initial = uplink.get("backoff_initial", UplinkSettings.backoff_initial)
+    ceiling = uplink.get("backoff_max", UplinkSettings.backoff_max)
+    if initial > ceiling:
+        given = document.get("uplink", {})
+        got = (_show(given["backoff_initial"]) if "backoff_initial" in given
+               else f"{initial:g}s (the default)")
+        ceiling_text = (_show(given["backoff_max"]) if "backoff_max" in given
+                        else f"{ceiling:g}s, the default")
+        raise ConfigError(
+            f"config {source}: [uplink] backoff_initial: expected a duration no longer than"
+            f" backoff_max ({ceiling_text}), got {got}"
+        )
+
+
 def _check_services(table: Any, where: str) -> None:
     if not isinstance(table, dict):
         raise ConfigError(f"{where}: expected [services.NAME] tables, got {_show(table)}")
@@ -319,13 +383,21 @@ def _build(values: Values, source: str) -> Settings:
     node = replace(NodeSettings(id="auto", data_dir=default_data_dir()), **values.get("node", {}))
     if node.id == "auto":
         node = replace(node, id=default_node_id())
+    api = dict(values.get("api", {}))
+    if "max_message_bytes" in values.get("queue", {}):
+        api.setdefault("max_line_bytes", _line_limit_for(values["queue"]["max_message_bytes"]))
     return Settings(
         node=node,
         uplink=replace(UplinkSettings(), **values.get("uplink", {})),
         queue=replace(QueueSettings(), **values.get("queue", {})),
         local=replace(LocalSettings(), **values.get("local", {})),
-        api=replace(ApiSettings(socket=default_socket_path()), **values.get("api", {})),
+        api=replace(ApiSettings(socket=default_socket_path()), **api),
         telemetry=replace(TelemetrySettings(), **values.get("telemetry", {})),
         discovery=replace(DiscoverySettings(), **values.get("discovery", {})),
         source=source,
     )
+
+
+def _line_limit_for(max_message_bytes: int) -> int:
+    """Return the request line length that carries a `max_message_bytes` payload in base64."""
+    return max_message_bytes * 4 // 3 + _LINE_OVERHEAD

@@ -46,6 +46,8 @@ _SEQ_RESERVE = 100_000  # seq numbers reserved in the side file at a time
 _SQLITE_CORRUPT = 11
 _SQLITE_NOTADB = 26
 _SWEEP_EVERY = 5.0  # seconds between expiry sweeps
+_DEAD_KEEP_ROWS = 1000  # dead letters kept (newest first), and at most this many bytes:
+_DEAD_KEEP_BYTES = 16 * 1024 * 1024
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS outbox (
@@ -206,8 +208,9 @@ class Outbox:
         ).fetchall()
         self._bands = {band: n for band, n, _ in rows}
         self._bytes = sum(size for _, _, size in rows)
-        self._dead = db.execute("SELECT count(*) FROM dead").fetchone()[0]
         meta = {k: int(v) for k, v in db.execute("SELECT key, value FROM meta")}
+        kept = db.execute("SELECT count(*) FROM dead").fetchone()[0]
+        self._dead = max(meta.get("dead", 0), kept)
         self._dropped = meta.get("dropped", 0)
         self._expired = meta.get("expired", 0)
         # A fresh database (first start, or the old one lost or moved aside) continues
@@ -284,6 +287,8 @@ class Outbox:
             batch = self._take()
             if batch:
                 await self._commit_and_settle(batch)
+            else:
+                _settle(batch.waiters, None)  # nothing to write: nothing to wait for
 
     async def _commit_and_settle(self, batch: _Pending) -> None:
         """Commit and answer the waiters; a stop waits for a commit already under way."""
@@ -373,6 +378,13 @@ class Outbox:
                     " VALUES (?, ?, ?, ?, ?, ?)",
                     [(r.seq, _ts_of(r), now, r.topic, why, r.body) for r, why in batch.dead],
                 )
+                # Keep the newest dead letters only: they are for diagnosis, not storage.
+                db.execute(
+                    "DELETE FROM dead WHERE seq IN (SELECT seq FROM ("
+                    " SELECT seq, row_number() OVER w AS n, sum(length(body)) OVER w AS b"
+                    " FROM dead WINDOW w AS (ORDER BY seq DESC)) WHERE n > ? OR b > ?)",
+                    (_DEAD_KEEP_ROWS, _DEAD_KEEP_BYTES),
+                )
             gone = [r.key for r in (*batch.acks, *(r for r, _ in batch.dead), *batch.expired)]
             deleted: dict[int, int] = {}
             if gone:
@@ -383,14 +395,17 @@ class Outbox:
                     (json.dumps(gone),),
                 ).fetchall())
             expired = sum(r.key in deleted for r in batch.expired)
-            db.executemany(
-                "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
-                [
-                    ("next_seq", self._next_seq),
-                    ("dropped", self._dropped + len(evicted) + len(skipped)),
-                    ("expired", self._expired + expired),
-                ],
-            )
+            if batch.inserts or batch.dead or expired:
+                # An acks-only commit changes no counter: it writes no meta page.
+                db.executemany(
+                    "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
+                    [
+                        ("next_seq", self._next_seq),
+                        ("dropped", self._dropped + len(evicted) + len(skipped)),
+                        ("expired", self._expired + expired),
+                        ("dead", self._dead + len(batch.dead)),
+                    ],
+                )
             db.execute("COMMIT")
         except BaseException:
             if db.in_transaction:
@@ -616,6 +631,11 @@ class Outbox:
     def by_priority(self) -> dict[int, int]:
         """Queued message count per priority, highest first."""
         return {PRIO_MAX - band: n for band, n in sorted(self._bands.items())}
+
+    async def dead_kept(self) -> int:
+        """How many dead letters the table still holds."""
+        rows = await self._require_reader().execute_fetchall("SELECT count(*) FROM dead")
+        return int(next(iter(rows))[0])
 
     async def dead_letters(self, limit: int = 100) -> list[dict[str, Any]]:
         """The newest dead letters, for `edge queue`."""

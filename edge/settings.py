@@ -58,7 +58,8 @@ class LocalSettings:
 @dataclass(frozen=True)
 class ApiSettings:
     socket: Path = Path("/run/edge/agent.sock")
-    max_line_bytes: int = 1024 * 1024 + 4096
+    # max_message_bytes * 4 // 3 + 64 KiB: a 1 MiB binary payload in base64, plus JSON.
+    max_line_bytes: int = 1_463_637
 
 
 @dataclass(frozen=True)

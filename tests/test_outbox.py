@@ -247,3 +247,20 @@ async def test_a_failed_commit_answers_its_waiters_and_the_writer_goes_on(tmp_pa
         await box.put("t", "after", "text/plain")
         sent = await drain(box)
     assert [e.data for e in sent] == ["before", "after"]
+
+
+async def test_dead_letters_are_capped_newest_kept_and_all_counted(tmp_path: Path) -> None:
+    async with opened(tmp_path / "o.db") as box:
+        await asyncio.gather(*(box.submit("t", str(i), "text/plain")[1] for i in range(1100)))
+        rows = []
+        while batch := await box.fetch(200):
+            rows += batch
+        assert len(rows) == 1100
+        await asyncio.gather(*(box.dead_letter(row, "refused") for row in rows))
+        assert await box.ack([]) is None  # an empty write is answered, not left hanging
+        kept = await box.dead_kept()
+        newest = await box.dead_letters(limit=1)
+        stats = await box.stats()
+    assert kept == 1000
+    assert newest[0]["seq"] == 1100
+    assert (stats.dead, stats.depth) == (1100, 0)

@@ -137,6 +137,9 @@ class Broker:
                 "user root",
                 "persistence false",
                 "max_queued_messages 0",  # 0 = no limit: the broker must not drop QoS 1
+                # mosquitto announces this as its MQTT 5 Receive Maximum (default 20);
+                # the agent honours it, raw paho does not: lift it so both use WINDOW.
+                "max_inflight_messages 100",
                 f"log_dest file {self.log}",
             ]) + "\n"
         )

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import base64
 import dataclasses
+import json
 import logging
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -35,7 +38,7 @@ profile = "raspberrypi-4"
 data_dir = "/srv/edge"
 
 [uplink]
-url = "mqtts://broker.example.com:8884"
+url = "mqtt://broker.example.com:8884"
 prefix = "acme/edge/v2"
 keepalive = "45s"
 inflight = 200
@@ -73,7 +76,7 @@ enabled = false
 FULL_SETTINGS = Settings(
     node=NodeSettings(id="pi-kitchen_01", profile="raspberrypi-4", data_dir=Path("/srv/edge")),
     uplink=UplinkSettings(
-        url="mqtts://broker.example.com:8884",
+        url="mqtt://broker.example.com:8884",
         prefix="acme/edge/v2",
         keepalive=45.0,
         inflight=200,
@@ -266,7 +269,7 @@ def test_services_are_accepted_with_a_warning(
         ("[uplink]\nprotocol = 5\n", "[uplink] protocol", '"3.1.1", got 5'),
         ("[uplink]\nurl = 'http://broker'\n", "[uplink] url", 'got "http://broker"'),
         ("[uplink]\nurl = 'mqtt://'\n", "[uplink] url", "mqtt://host[:port]"),
-        ("[uplink]\nurl = 'mqtt://broker:99999'\n", "[uplink] url", "mqtts://host[:port]"),
+        ("[uplink]\nurl = 'mqtt://broker:99999'\n", "[uplink] url", "mqtt://host[:port]"),
         ("[uplink]\nurl = 'mqtt://broker/x'\n", "[uplink] url", "mqtt://host[:port]"),
         ("[uplink]\nprefix = ''\n", "[uplink] prefix", "expected a topic prefix"),
         ("[uplink]\nprefix = 'edge/+'\n", "[uplink] prefix", 'got "edge/+"'),
@@ -317,6 +320,189 @@ def test_non_utf8_file_names_the_file(tmp_path: Path) -> None:
     path = tmp_path / "agent.toml"
     path.write_bytes(b"[node]\nid = '\xff'\n")
     assert config_error(path).startswith(f"config {path}: not valid TOML: ")
+
+
+# -- values that load but cannot work ---------------------------------------
+
+
+def test_socket_path_over_the_af_unix_limit_is_refused_naming_the_limit(tmp_path: Path) -> None:
+    room = 107 - len(os.fsencode(tmp_path)) - 1  # the name after tmp_path and its "/"
+    if room < 2:
+        pytest.skip(f"tmp_path is too long to build a 107-byte socket path under it: {tmp_path}")
+    longest = tmp_path / ("s" * room)
+    assert len(os.fsencode(longest)) == 107
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.bind(str(longest))  # the kernel takes 107 bytes ...
+    longest.unlink()
+    path = write(tmp_path, f'[api]\nsocket = "{longest}"\n')
+    assert load_settings(path).api.socket == longest
+
+    too_long = tmp_path / ("s" * (room + 1))
+    path = write(tmp_path, f'[api]\nsocket = "{too_long}"\n')
+    assert config_error(path) == (  # ... and refuses 108, so the config does too
+        f"config {path}: [api] socket: expected a socket path of at most 107 bytes"
+        f' (the AF_UNIX limit), got "{too_long}" (108 bytes)'
+    )
+
+
+def test_socket_path_limit_counts_encoded_bytes_not_characters(tmp_path: Path) -> None:
+    path = write(tmp_path, f'[api]\nsocket = "/tmp/{"é" * 60}"\n')  # 65 characters, 125 bytes
+    assert "(125 bytes)" in config_error(path)
+
+
+@pytest.mark.parametrize(
+    "prefix",
+    [
+        "$SYS/edge",
+        "$edge",
+        "edge\\u0000v1",
+        "edge\\u0001",
+        "edge\\tv1",
+        "edge\\nv1",
+        "edge\\u001f",
+        "edge\\u007f",
+        "edge\\u0085",
+        "edge\\u009f",
+        "edge\\ufffe",
+        "edge\\uffff",
+    ],
+)
+def test_prefix_with_a_leading_dollar_or_a_control_character_is_refused(
+    tmp_path: Path, prefix: str
+) -> None:
+    path = write(tmp_path, f'[uplink]\nprefix = "{prefix}"\n')
+    message = config_error(path)
+    assert message.startswith(f"config {path}: [uplink] prefix: expected a topic prefix")
+    assert 'a leading "$"' in message and "control characters" in message
+
+
+@pytest.mark.parametrize("prefix", ["edge/$v1", "acme/édge", "a\u00a0b", "edge\u00a0"])
+def test_prefix_with_dollar_inside_or_printable_unicode_is_accepted(
+    tmp_path: Path, prefix: str
+) -> None:
+    path = write(tmp_path, f'[uplink]\nprefix = "{prefix}"\n')
+    assert load_settings(path).uplink.prefix == prefix
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["mqtt://a b", "mqtt://h :1883", "mqtt://127.0.0.1 ", "mqtt://h:", "mqtt://h\\t"],
+)
+@pytest.mark.parametrize("section", ["uplink", "local"])
+def test_url_with_whitespace_or_an_empty_host_or_port_is_refused(
+    tmp_path: Path, section: str, url: str
+) -> None:
+    path = write(tmp_path, f'[{section}]\nurl = "{url}"\n')
+    message = config_error(path)
+    assert message.startswith(f"config {path}: [{section}] url: expected mqtt://host[:port], got ")
+
+
+def test_tls_flag_is_refused_like_the_file(tmp_path: Path) -> None:
+    assert config_error(write(tmp_path, ""), uplink="mqtts://broker").startswith(
+        "--uplink: expected mqtt://host[:port] (TLS (mqtts://) is not supported in this version"
+    )
+
+
+@pytest.mark.parametrize("interval", ["1ms", "500ms", 0.999])
+def test_telemetry_interval_under_a_second_is_refused(
+    tmp_path: Path, interval: str | float
+) -> None:
+    value = f'"{interval}"' if isinstance(interval, str) else repr(interval)
+    path = write(tmp_path, f"[telemetry]\ninterval = {value}\n")
+    assert config_error(path) == (
+        f'config {path}: [telemetry] interval: expected "0s" (off) or a duration of at least'
+        f" 1s, got {value}"
+    )
+
+
+@pytest.mark.parametrize(("interval", "seconds"), [('"0s"', 0.0), ("0", 0.0), ('"1s"', 1.0)])
+def test_telemetry_interval_off_or_from_a_second_is_accepted(
+    tmp_path: Path, interval: str, seconds: float
+) -> None:
+    path = write(tmp_path, f"[telemetry]\ninterval = {interval}\n")
+    assert load_settings(path).telemetry.interval == seconds
+
+
+def test_backoff_initial_longer_than_backoff_max_is_refused_naming_both(tmp_path: Path) -> None:
+    path = write(tmp_path, '[uplink]\nbackoff_initial = "2m"\nbackoff_max = "30s"\n')
+    assert config_error(path) == (
+        f"config {path}: [uplink] backoff_initial: expected a duration no longer than"
+        ' backoff_max ("30s"), got "2m"'
+    )
+
+
+def test_backoff_max_below_the_default_initial_is_refused_naming_both(tmp_path: Path) -> None:
+    path = write(tmp_path, '[uplink]\nbackoff_max = "100ms"\n')
+    assert config_error(path) == (
+        f"config {path}: [uplink] backoff_initial: expected a duration no longer than"
+        ' backoff_max ("100ms"), got 0.5s (the default)'
+    )
+
+
+def test_backoff_initial_above_the_default_max_is_refused(tmp_path: Path) -> None:
+    path = write(tmp_path, '[uplink]\nbackoff_initial = "2m"\n')
+    assert config_error(path).endswith('backoff_max (60s, the default), got "2m"')
+
+
+def test_backoff_initial_equal_to_backoff_max_is_accepted(tmp_path: Path) -> None:
+    path = write(tmp_path, '[uplink]\nbackoff_initial = "1s"\nbackoff_max = "1s"\n')
+    uplink = load_settings(path).uplink
+    assert (uplink.backoff_initial, uplink.backoff_max) == (1.0, 1.0)
+
+
+@pytest.mark.parametrize("size", ["10", "4095", '"4095B"', '"1KiB"'])
+def test_max_line_bytes_under_4kib_is_refused(tmp_path: Path, size: str) -> None:
+    path = write(tmp_path, f"[api]\nmax_line_bytes = {size}\n")
+    assert config_error(path) == (
+        f'config {path}: [api] max_line_bytes: expected a size of at least 4KiB like "2MiB",'
+        f" got {size}"
+    )
+
+
+def test_max_line_bytes_of_4kib_is_accepted(tmp_path: Path) -> None:
+    path = write(tmp_path, '[api]\nmax_line_bytes = "4KiB"\n')
+    assert load_settings(path).api.max_line_bytes == 4096
+
+
+def test_default_line_limit_carries_the_largest_binary_message_in_base64() -> None:
+    settings = load_settings(None)
+    assert settings.api.max_line_bytes == ApiSettings().max_line_bytes == 1_463_637
+    largest = settings.queue.max_message_bytes
+    line = json.dumps(
+        {
+            "op": "publish",
+            "topic": "t" * 1023,
+            "data_b64": base64.b64encode(b"\xff" * largest).decode(),
+            "ct": "a" * 255,
+            "prio": -1000,
+            "ttl": 31536000.5,
+        }
+    ).encode() + b"\n"
+    assert len(line) <= settings.api.max_line_bytes
+
+
+def test_max_message_bytes_sets_the_default_line_limit(tmp_path: Path) -> None:
+    path = write(tmp_path, '[queue]\nmax_message_bytes = "4MiB"\n')
+    assert load_settings(path).api.max_line_bytes == 4 * 1024 * 1024 * 4 // 3 + 64 * 1024
+
+
+def test_explicit_max_line_bytes_wins_over_the_derived_one(tmp_path: Path) -> None:
+    path = write(tmp_path, '[queue]\nmax_message_bytes = "4MiB"\n[api]\nmax_line_bytes = "8MiB"\n')
+    assert load_settings(path).api.max_line_bytes == 8 * 1024 * 1024
+
+
+@pytest.mark.parametrize("interval", ['"10m"', '"1001ms"', "1.5"])
+def test_commit_interval_over_a_second_is_refused(tmp_path: Path, interval: str) -> None:
+    path = write(tmp_path, f"[queue]\ncommit_interval = {interval}\n")
+    assert config_error(path) == (
+        f"config {path}: [queue] commit_interval: expected a duration from 0s to 1s,"
+        f" got {interval}"
+    )
+
+
+def test_commit_interval_of_a_second_is_accepted(tmp_path: Path) -> None:
+    path = write(tmp_path, '[queue]\ncommit_interval = "1s"\n')
+    assert load_settings(path).queue.commit_interval == 1.0
 
 
 # -- flags -------------------------------------------------------------------
@@ -460,9 +646,8 @@ def test_parse_duration_rejects(text: str | float) -> None:
     ("url", "parts"),
     [
         ("mqtt://broker", ("mqtt", "broker", 1883)),
-        ("mqtts://broker", ("mqtts", "broker", 8883)),
         ("mqtt://10.0.0.1:1884", ("mqtt", "10.0.0.1", 1884)),
-        ("mqtts://[::1]:8884/", ("mqtts", "::1", 8884)),
+        ("mqtt://[::1]:8884/", ("mqtt", "::1", 8884)),
     ],
 )
 def test_parse_mqtt_url(url: str, parts: tuple[str, str, int]) -> None:
@@ -471,11 +656,38 @@ def test_parse_mqtt_url(url: str, parts: tuple[str, str, int]) -> None:
 
 @pytest.mark.parametrize(
     "url",
-    ["", "broker:1883", "ws://broker", "mqtt://", "mqtt://b:0", "mqtt://u:p@b", "mqtt://b?x=1"],
+    [
+        "",
+        "broker:1883",
+        "ws://broker",
+        "mqtt://",
+        "mqtt://b:0",
+        "mqtt://u:p@b",
+        "mqtt://b?x=1",
+        "mqtt://a b",
+        "mqtt://h :1883",
+        "mqtt://127.0.0.1 ",
+        " mqtt://h",
+        "mqtt://h\t",
+        "mqtt://h\n",
+        "mqtt://h:",
+        "mqtt://[::1]:",
+        "mqtt://:1883",
+    ],
 )
 def test_parse_mqtt_url_rejects(url: str) -> None:
     with pytest.raises(ValueError, match="expected mqtt://host"):
         parse_mqtt_url(url)
+
+
+@pytest.mark.parametrize("url", ["mqtts://broker", "mqtts://broker:8883", "MQTTS://broker"])
+def test_tls_url_is_refused_rather_than_sent_in_plaintext(tmp_path: Path, url: str) -> None:
+    path = write(tmp_path, f'[uplink]\nurl = "{url}"\n')
+    assert config_error(path) == (
+        f"config {path}: [uplink] url: expected mqtt://host[:port] (TLS (mqtts://) is not"
+        " supported in this version; use mqtt:// on a trusted network), got "
+        f'"{url}"'
+    )
 
 
 # -- the CLI -----------------------------------------------------------------

@@ -264,3 +264,50 @@ async def test_dead_letters_are_capped_newest_kept_and_all_counted(tmp_path: Pat
     assert kept == 1000
     assert newest[0]["seq"] == 1100
     assert (stats.dead, stats.depth) == (1100, 0)
+
+
+def _stored_keys(path: Path) -> int:
+    db = sqlite3.connect(path)
+    try:
+        return int(db.execute("SELECT count(*) FROM outbox").fetchone()[0])
+    finally:
+        db.close()
+
+
+async def test_acknowledged_rows_stay_gone_across_a_restart_before_any_bulk_delete(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "o.db"
+    async with opened(path) as box:
+        for i in range(10):
+            await box.put("t", str(i), "text/plain")
+        rows = await box.fetch(10)
+        await box.ack(rows)
+        assert (await box.stats()).depth == 0
+        # Covered by the acknowledged-through mark, not deleted one by one yet.
+        assert _stored_keys(path) == 10
+    async with opened(path) as box:
+        assert (await box.stats()).depth == 0
+        assert await drain(box) == []
+        await box.put("t", "next", "text/plain")
+        assert [e.data for e in await drain(box)] == ["next"]
+    assert _stored_keys(path) <= 1
+
+
+async def test_out_of_order_acks_and_a_priority_arriving_below_the_mark(tmp_path: Path) -> None:
+    path = tmp_path / "o.db"
+    async with opened(path) as box:
+        for i in range(10):
+            await box.put("t", str(i), "text/plain")
+        rows = await box.fetch(6)
+        await box.ack(rows[3:5])  # acknowledged out of order: deleted one by one
+        await box.ack(rows[:3])  # now the mark passes 0..4
+        await box.put("t", "urgent", "text/plain", prio=7)  # sorts before the mark
+        await box.ack(rows[5:])
+        rest = await drain(box)
+        stats = await box.stats()
+    assert [e.data for e in rest] == ["urgent", "6", "7", "8", "9"]
+    assert (stats.depth, stats.bytes) == (0, 0)
+    async with opened(path) as box:
+        assert (await box.stats()).depth == 0
+        assert await drain(box) == []

@@ -27,15 +27,15 @@ def test_telemetry_sampled_offline_arrives_later_with_its_original_timestamps(
     broker.start()
     sub = subscriber_factory(broker, topic_filter=TELEMETRY_FILTER)  # persistent session
     broker.stop()
-    agent = agent_factory(broker, overrides={"telemetry": {"interval": "0.3s"}})
-    agent.wait_status(lambda s: s["telemetry"]["samples"] >= 3, 10, what="3 samples")
-    assert agent.status()["queue"]["depth"] >= 3  # nowhere to send them yet
+    agent = agent_factory(broker, overrides={"telemetry": {"interval": "1s"}})
+    agent.wait_status(lambda s: s["telemetry"]["samples"] >= 2, 10, what="2 samples")
+    assert agent.status()["queue"]["depth"] >= 2  # nowhere to send them yet
     broker_started = time.time()
     broker.start()
-    sub.wait_for(3, timeout=15)
+    sub.wait_for(2, timeout=15)
 
     taken_offline = [e for e in sub.envelopes() if e["ts"] < broker_started]
-    assert len(taken_offline) >= 3, "samples taken offline were not delivered"
+    assert len(taken_offline) >= 2, "samples taken offline were not delivered"
     for env in sub.envelopes():
         assert env["topic"] == "telemetry" and env["node"] == "node-a"
         assert env["data"]["ts"] == env["ts"], "ts must be the sample time, not the send time"

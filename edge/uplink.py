@@ -20,7 +20,7 @@ import cbor2
 
 from edge.backoff import Backoff
 from edge.config import parse_mqtt_url
-from edge.errors import StorageError, UplinkError
+from edge.errors import UplinkError
 from edge.mqtt import Closed, MqttConnection, PublishResult, publish_packet_size
 from edge.outbox import Outbox, OutRow
 from edge.settings import UplinkSettings
@@ -206,7 +206,7 @@ class Uplink:
                 topic = f"{self.base}/{row.topic}"
                 size = publish_packet_size(topic, row.body, v5=v5)
                 if max_packet is not None and size > max_packet:
-                    await self._dead_letter(
+                    self._dead_letter(
                         row, f"packet of {size} bytes exceeds the broker's maximum packet size"
                         f" of {max_packet} bytes",
                     )
@@ -226,35 +226,28 @@ class Uplink:
             if len(self._ack_batch) == 1:
                 asyncio.get_running_loop().call_soon(self._flush_acks)
         else:
-            self._spawn_dead_letter(row, f"broker refused it: {result.reason}")
+            self._dead_letter(row, f"broker refused it: {result.reason}")
 
     def _flush_acks(self) -> None:
         batch, self._ack_batch = self._ack_batch, []
         fut = self.outbox.ack(batch)
-        fut.add_done_callback(partial(self._after_commit, slots=len(batch)))
+        fut.add_done_callback(partial(self._after_commit, len(batch), self._connects))
 
-    def _spawn_dead_letter(self, row: OutRow, reason: str) -> None:
+    def _dead_letter(self, row: OutRow, reason: str, *, holds_slot: bool = True) -> None:
+        """Move a row to the dead letters; its window slot comes free once that is durable."""
         self._held.pop(row.key, None)
         fut = self.outbox.dead_letter(row, reason)
-        fut.add_done_callback(partial(self._after_commit, slots=1))
+        fut.add_done_callback(partial(self._after_commit, int(holds_slot), self._connects))
 
-    def _after_commit(self, fut: asyncio.Future[None], slots: int) -> None:
+    def _after_commit(self, slots: int, session: int, fut: asyncio.Future[None]) -> None:
         if not fut.cancelled() and fut.exception() is not None:
             log.error("outbox commit after PUBACK failed: %s", fut.exception())
-        self._release(slots)
+        if session == self._connects:  # slots of an earlier connection died with it
+            self._release(slots)
 
     def _release(self, slots: int) -> None:
         self._busy = max(0, self._busy - slots)
         self._slot_free.set()
-
-    async def _dead_letter(self, row: OutRow, reason: str) -> None:
-        self._held.pop(row.key, None)
-        try:
-            await self.outbox.dead_letter(row, reason)
-        except StorageError as exc:
-            log.error("cannot dead-letter seq %d: %s", row.seq, exc)
-        finally:
-            self._release(1)
 
     def _abandon_held(self) -> None:
         """The connection is gone: rows not yet acknowledged go out again later."""
@@ -276,7 +269,9 @@ class Uplink:
             return
         row = min(self._held.values(), key=lambda r: r.key)
         if closed.code in _REFUSES_MESSAGE:
-            self._dead_letter_after_close(row, f"the broker disconnected on it: {closed.reason}")
+            self._dead_letter(
+                row, f"the broker disconnected on it: {closed.reason}", holds_slot=False
+            )
             return
         sent_at = self._sent_at.get(row.key)
         suspicious = (
@@ -293,20 +288,12 @@ class Uplink:
         self._strikes = {row.key: strikes}
         if strikes >= self.settings.refused_limit:
             self._strikes.clear()
-            self._dead_letter_after_close(
+            self._dead_letter(
                 row, f"the broker closed the connection each of the {strikes} times right"
                 f" after this message was sent ({closed.reason}); it is likely over the"
                 " broker's size limit or not allowed",
+                holds_slot=False,
             )
-
-    def _dead_letter_after_close(self, row: OutRow, reason: str) -> None:
-        self._held.pop(row.key, None)
-        self._spawn_dead_letter_detached(row, reason)
-
-    def _spawn_dead_letter_detached(self, row: OutRow, reason: str) -> None:
-        # The window belongs to the dead connection; no slot to give back.
-        fut = self.outbox.dead_letter(row, reason)
-        fut.add_done_callback(lambda f: f.cancelled() or f.exception())
 
     # ---- shutdown ----------------------------------------------------------------
 

@@ -19,7 +19,13 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from edge.errors import EdgeError, EnvelopeError, QueueFull, RequestError, StorageError
+from edge.errors import (
+    EdgeError,
+    EnvelopeError,
+    MessageTooLarge,
+    RequestError,
+    StorageError,
+)
 
 __all__ = ["ApiServer", "Handler", "Submit", "parse_publish"]
 
@@ -230,13 +236,12 @@ class ApiServer:
             # Queued now, answered when its commit lands: pipelined requests share commits.
             try:
                 seq, msg_id, committed = self._submit(*parse_publish(req))
-            except RequestError as exc:
+            except (RequestError, StorageError) as exc:
                 return _done(self._reject(exc.code, str(exc)))
-            except QueueFull as exc:
-                return _done(self._reject("queue_full", str(exc)))
+            except MessageTooLarge as exc:
+                return _done(self._reject("too_large", str(exc)))
             except EnvelopeError as exc:
-                code = "too_large" if "exceeds" in str(exc) else "bad_request"
-                return _done(self._reject(code, str(exc)))
+                return _done(self._reject("bad_request", str(exc)))
             return self._await_commit(seq, msg_id, committed)
         handler = self._handlers.get(op) if isinstance(op, str) else None
         if handler is None:
@@ -249,7 +254,7 @@ class ApiServer:
         try:
             await committed
         except StorageError as exc:
-            return self._reject(getattr(exc, "code", "storage_error"), str(exc))
+            return self._reject(exc.code, str(exc))
         return {"ok": True, "seq": seq, "id": msg_id}
 
     async def _do(self, handler: Handler, req: dict[str, Any]) -> dict[str, Any]:

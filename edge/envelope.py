@@ -9,7 +9,7 @@ from typing import Any
 
 import cbor2
 
-from edge.errors import EnvelopeError
+from edge.errors import EnvelopeError, MessageTooLarge
 
 __all__ = ["MAX_ENVELOPE_BYTES", "Envelope", "new_message_id"]
 
@@ -85,7 +85,9 @@ class Envelope:
     def decode(cls, frame: bytes, max_bytes: int = MAX_ENVELOPE_BYTES) -> Envelope:
         """Parse a CBOR envelope; the size is checked before any decoding."""
         if len(frame) > max_bytes:
-            raise EnvelopeError(f"envelope of {len(frame)} bytes exceeds the limit of {max_bytes}")
+            raise MessageTooLarge(
+                f"envelope of {len(frame)} bytes exceeds the limit of {max_bytes}"
+            )
         try:
             obj = cbor2.loads(frame)
         except Exception as exc:  # cbor2 raises several unrelated types on bad input

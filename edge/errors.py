@@ -5,6 +5,7 @@ Every error the project raises on purpose derives from ``EdgeError``::
     EdgeError
     ├── ConfigError          a config file, flag or value is wrong
     ├── EnvelopeError        a CBOR envelope could not be built or decoded
+    │   └── MessageTooLarge  over a size limit
     ├── StorageError         the outbox database failed
     │   └── QueueFull        the outbox is full and on_full = "reject"
     ├── RequestError         a socket API request is malformed or refused
@@ -19,6 +20,7 @@ __all__ = [
     "ConfigError",
     "EdgeError",
     "EnvelopeError",
+    "MessageTooLarge",
     "QueueFull",
     "RequestError",
     "StorageError",
@@ -38,12 +40,23 @@ class EnvelopeError(EdgeError):
     """An envelope could not be built or decoded."""
 
 
+class MessageTooLarge(EnvelopeError):
+    """A message or frame is over a size limit."""
+
+
 class StorageError(EdgeError):
     """The outbox database failed."""
+
+    def __init__(self, message: str, code: str = "storage_error") -> None:
+        super().__init__(message)
+        self.code = code  # the socket API's error code: storage_error, storage_full, ...
 
 
 class QueueFull(StorageError):
     """The outbox is at `[queue] max_bytes` and the policy is to reject."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, "queue_full")
 
 
 class RequestError(EdgeError):

@@ -35,7 +35,7 @@ from typing import Any, TypeVar
 import aiosqlite
 
 from edge.envelope import Envelope, new_message_id
-from edge.errors import EnvelopeError, QueueFull, StorageError
+from edge.errors import EnvelopeError, MessageTooLarge, QueueFull, StorageError
 from edge.settings import QueueSettings
 
 __all__ = ["PRIO_MAX", "PRIO_MIN", "OutRow", "Outbox", "QueueStats"]
@@ -361,7 +361,7 @@ class Outbox:
         # The transaction is durable: bring the in-memory view up to date.
         self._dropped += len(done.evicted) + len(done.skipped)
         self._expired += sum(r.key in done.deleted for r in batch.expired)
-        self._dead += len(batch.dead)
+        self._dead += sum(r.key in done.deleted for r, _ in batch.dead)
         self.sent_total += len(plan.covered) + sum(r.key in done.deleted for r in batch.acks)
         self.accepted_total += len(batch.inserts)
         self._bytes += batch.insert_bytes - sum(done.deleted.values())
@@ -377,9 +377,7 @@ class Outbox:
             if k not in done.skipped:
                 self._count_band(k, +1)
         if batch.inserts:
-            if batch.inserts[0][0] <= self._cursor or any(
-                k <= self._cursor for k, *_ in batch.inserts
-            ):
+            if min(k for k, *_ in batch.inserts) <= self._cursor:
                 self._cursor = self._mark  # a higher priority arrived behind the cursor
             self._more.set()
         if done.evicted or done.skipped:
@@ -425,20 +423,13 @@ class Outbox:
         assert db is not None
         try:
             db.execute("BEGIN IMMEDIATE")
-            if plan.purge_to is not None:
-                db.execute("DELETE FROM outbox WHERE k <= ?", (plan.purge_to,))
-            evicted = self._evict_for(db, batch.insert_bytes) if batch.inserts else {}
-            skipped = self._skip_for(batch, evicted)
-            if batch.inserts:
-                db.executemany(
-                    "INSERT INTO outbox (k, ts, exp, topic, body) VALUES (?, ?, ?, ?, ?)",
-                    [row for row in batch.inserts if row[0] not in skipped],
-                )
+            # Order matters: rows leaving one by one go first, so RETURNING accounts for
+            # every one of them before a bulk delete could sweep them away uncounted.
             if batch.dead:
                 db.executemany(
                     "INSERT OR REPLACE INTO dead (seq, ts, dead_ts, topic, reason, body)"
-                    " VALUES (?, ?, ?, ?, ?, ?)",
-                    [(r.seq, _ts_of(r), now, r.topic, why, r.body) for r, why in batch.dead],
+                    " SELECT k & ?, ts, ?, topic, ?, body FROM outbox WHERE k = ?",
+                    [(_SEQ_MASK, now, why, r.key) for r, why in batch.dead],
                 )
                 # Keep the newest dead letters only: they are for diagnosis, not storage.
                 db.execute(
@@ -455,12 +446,22 @@ class Outbox:
                     " RETURNING k, length(body)",
                     (json.dumps(plan.delete),),
                 ).fetchall())
+            if plan.purge_to is not None:
+                db.execute("DELETE FROM outbox WHERE k <= ?", (plan.purge_to,))
+            evicted = self._evict_for(db, batch.insert_bytes) if batch.inserts else {}
+            skipped = self._skip_for(batch, evicted)
+            if batch.inserts:
+                db.executemany(
+                    "INSERT INTO outbox (k, ts, exp, topic, body) VALUES (?, ?, ?, ?, ?)",
+                    [row for row in batch.inserts if row[0] not in skipped],
+                )
             expired = sum(r.key in deleted for r in batch.expired)
+            dead = sum(r.key in deleted for r, _ in batch.dead)
             meta = {
                 "next_seq": (self._next_seq, bool(batch.inserts)),
                 "dropped": (self._dropped + len(evicted) + len(skipped), bool(evicted or skipped)),
                 "expired": (self._expired + expired, bool(expired)),
-                "dead": (self._dead + len(batch.dead), bool(batch.dead)),
+                "dead": (self._dead + dead, bool(dead)),
                 "acked_through": (plan.mark, plan.mark != self._mark),
             }
             changed = [(key, value) for key, (value, dirty) in meta.items() if dirty]
@@ -603,7 +604,7 @@ class Outbox:
         size = len(body)
         limit = min(self.settings.max_message_bytes, self.settings.max_bytes)
         if size > limit:
-            raise EnvelopeError(f"message of {size} bytes exceeds the limit of {limit} bytes")
+            raise MessageTooLarge(f"message of {size} bytes exceeds the limit of {limit} bytes")
         if self.settings.on_full == "reject":
             if self._bytes + self._unsettled_bytes + size > self.settings.max_bytes:
                 raise QueueFull(
@@ -739,13 +740,6 @@ def _settle(waiters: list[asyncio.Future[None]], exc: BaseException | None) -> N
 
 def _storage_error(path: Path, exc: Exception) -> StorageError:
     full = "full" in str(exc).lower() or getattr(exc, "errno", None) == 28
-    err = StorageError(f"outbox {path}: commit failed: {exc}")
-    err.code = "storage_full" if full else "storage_error"  # type: ignore[attr-defined]
-    return err
+    code = "storage_full" if full else "storage_error"
+    return StorageError(f"outbox {path}: commit failed: {exc}", code)
 
-
-def _ts_of(row: OutRow) -> float:
-    try:
-        return Envelope.decode(row.body).ts
-    except EnvelopeError:
-        return 0.0

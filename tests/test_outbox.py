@@ -311,3 +311,22 @@ async def test_out_of_order_acks_and_a_priority_arriving_below_the_mark(tmp_path
     async with opened(path) as box:
         assert (await box.stats()).depth == 0
         assert await drain(box) == []
+
+
+async def test_a_bulk_delete_in_the_same_commit_as_a_dead_letter_keeps_counts_exact(
+    tmp_path: Path,
+) -> None:
+    async with opened(tmp_path / "o.db") as box:
+        await asyncio.gather(*(box.submit("t", str(i), "text/plain")[1] for i in range(2100)))
+        rows = []
+        while batch := await box.fetch(500):
+            rows += batch
+        # One commit: enough acks for a bulk delete, and a dead letter under the mark.
+        done = [box.ack(rows[:2050]), box.dead_letter(rows[2050], "refused"),
+                box.ack(rows[2051:])]
+        await asyncio.gather(*done)
+        stats = await box.stats()
+        dead = await box.dead_letters()
+    assert (stats.depth, stats.bytes, stats.dead) == (0, 0, 1)
+    assert [(d["seq"], d["reason"]) for d in dead] == [(2051, "refused")]
+    assert dead[0]["ts"] > 0

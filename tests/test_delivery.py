@@ -76,7 +76,7 @@ def test_envelope_carries_the_request_fields(
     broker.start()
     sub = subscriber_factory(broker)
     agent = agent_factory(broker)
-    agent.wait_status(lambda s: s["uplink"]["state"] == "online", 10, what="uplink online")
+    agent.wait_online()
     before = time.time()
     text = agent.publish_ok("sensors/t", "21.5")
     raw = agent.publish_ok(
@@ -103,7 +103,7 @@ def test_no_seq_missing_across_three_broker_restarts_while_publishing(
     broker.start()
     sub = subscriber_factory(broker)
     agent = agent_factory(broker)
-    agent.wait_status(lambda s: s["uplink"]["state"] == "online", 10, what="uplink online")
+    agent.wait_online()
 
     responses: list[dict[str, Any]] = []
     stop = threading.Event()

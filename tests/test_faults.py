@@ -65,7 +65,7 @@ def test_half_open_broker_is_detected_within_one_and_a_half_keepalives(
     broker.start()
     sub = subscriber_factory(broker)
     agent = agent_factory(broker, overrides={"uplink": {"keepalive": "2s"}})
-    agent.wait_status(lambda s: s["uplink"]["state"] == "online", 10, what="uplink online")
+    agent.wait_online()
     before = agent.publish_ok("sensors/t", "before")
     sub.wait_for_seqs([before["seq"]], timeout=10)
 
@@ -106,7 +106,7 @@ def test_message_refused_by_the_broker_is_dead_lettered_and_later_ones_flow(
     broker.start()
     sub = subscriber_factory(broker)
     agent = agent_factory(broker)
-    agent.wait_status(lambda s: s["uplink"]["state"] == "online", 10, what="uplink online")
+    agent.wait_online()
 
     small1 = agent.publish_ok("sensors/t", "small-1")
     big = agent.publish_ok("sensors/t", "B" * 8192)

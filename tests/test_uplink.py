@@ -55,7 +55,7 @@ def test_mqtt311_broker_dropping_the_link_on_one_message_gets_it_dead_lettered(
     broker.start()
     sub = subscriber_factory(broker)
     agent = agent_factory(broker, overrides={"uplink": {"protocol": "3.1.1", "refused_limit": 3}})
-    agent.wait_status(lambda s: s["uplink"]["state"] == "online", 10, what="uplink online")
+    agent.wait_online()
     small1 = agent.publish_ok("sensors/t", "small-1")["seq"]
     big = agent.publish_ok("sensors/t", "B" * 8192)["seq"]
     small2 = agent.publish_ok("sensors/t", "small-2")["seq"]
@@ -81,7 +81,7 @@ def test_half_open_broker_is_detected_while_messages_are_in_flight(
     broker.start()
     sub = subscriber_factory(broker)
     agent = agent_factory(broker, overrides={"uplink": {"keepalive": f"{KEEPALIVE:.0f}s"}})
-    agent.wait_status(lambda s: s["uplink"]["state"] == "online", 10, what="uplink online")
+    agent.wait_online()
 
     stop = threading.Event()
     seqs: list[int] = []

@@ -390,6 +390,12 @@ class Agent:
             raise TimeoutError(f"{exc}; last status {last[0] if last else None!r}") from None
         return last[0]
 
+    def wait_online(self, timeout: float = 10) -> dict[str, Any]:
+        """Wait until the uplink is connected."""
+        return self.wait_status(
+            lambda s: s["uplink"]["state"] == "online", timeout, what="uplink online"
+        )
+
     def wait_drained(self, timeout: float) -> dict[str, Any]:
         """Wait until the outbox is empty (every row PUBACKed, expired or dropped)."""
         return self.wait_status(lambda s: s["queue"]["depth"] == 0, timeout, what="outbox depth 0")

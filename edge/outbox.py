@@ -169,6 +169,7 @@ class Outbox:
         self._more = asyncio.Event()
         self._leased: set[int] = set()  # rows handed to the uplink and not yet gone
         self._cursor = 0  # fetch reads keys above this; never below the mark
+        self._rewinds = 0  # times the cursor went back to the mark, so a fetch can tell
         self._mark = 0  # every row with a key up to here is acknowledged
         self._unpurged = 0  # acknowledged rows at or below the mark still stored
         self._bands: dict[int, int] = {}  # priority band -> queued rows
@@ -378,7 +379,7 @@ class Outbox:
                 self._count_band(k, +1)
         if batch.inserts:
             if min(k for k, *_ in batch.inserts) <= self._cursor:
-                self._cursor = self._mark  # a higher priority arrived behind the cursor
+                self._rewind()  # a higher priority arrived behind the cursor
             self._more.set()
         if done.evicted or done.skipped:
             log.warning(
@@ -625,30 +626,40 @@ class Outbox:
         db = self._require_reader()
         self._more.clear()
         out: list[OutRow] = []
+        expired: list[OutRow] = []
+        cursor, rewinds = self._cursor, self._rewinds
         now = self._clock()
+        # Nothing is leased until the last read is done: a fetch cancelled between two
+        # reads (its connection died) must not leave rows leased that nobody holds.
         while len(out) < limit:
             try:
                 rows = await db.execute_fetchall(
                     "SELECT k, topic, body, exp FROM outbox WHERE k > ? ORDER BY k LIMIT ?",
-                    (self._cursor, limit - len(out) + len(self._leased)),
+                    (cursor, limit - len(out) + len(self._leased)),
                 )
             except sqlite3.Error as exc:
                 raise StorageError(f"outbox {self.path}: read failed: {exc}") from exc
             if not rows:
                 break
             for k, topic, body, exp in rows:
-                self._cursor = k
+                cursor = k
                 if k in self._leased:
                     continue
                 row = OutRow(k, topic, body, exp)
-                self._leased.add(k)
                 if exp is not None and exp < now:
-                    self._pending.expired.append(row)
-                    self._wake.set()
+                    expired.append(row)
                     continue
                 out.append(row)
                 if len(out) >= limit:
                     break
+        if rewinds == self._rewinds:
+            self._cursor = cursor
+        # else: a release or a higher priority sent the cursor back while we read; the
+        # next fetch scans again from the mark and skips what this one leased.
+        self._leased.update(row.key for row in (*out, *expired))
+        if expired:
+            self._pending.expired.extend(expired)
+            self._wake.set()
         return out
 
     async def wait_more(self) -> None:
@@ -659,8 +670,12 @@ class Outbox:
         """Give leased rows back unsent (the connection dropped): they go out again."""
         for row in rows:
             self._leased.discard(row.key)
-        self._cursor = self._mark
+        self._rewind()
         self._more.set()
+
+    def _rewind(self) -> None:
+        self._cursor = self._mark
+        self._rewinds += 1
 
     def ack(self, rows: list[OutRow]) -> asyncio.Future[None]:
         """Delete rows the broker acknowledged; the future resolves once committed."""

@@ -330,3 +330,31 @@ async def test_a_bulk_delete_in_the_same_commit_as_a_dead_letter_keeps_counts_ex
     assert (stats.depth, stats.bytes, stats.dead) == (0, 0, 1)
     assert [(d["seq"], d["reason"]) for d in dead] == [(2051, "refused")]
     assert dead[0]["ts"] > 0
+
+
+async def test_a_fetch_cancelled_between_its_reads_leaves_no_row_leased(tmp_path: Path) -> None:
+    # The uplink's pump is cancelled whenever its connection dies, wherever it is: a
+    # fetch cut off after its first read must not keep rows that nobody will send.
+    async with opened(tmp_path / "o.db") as box:
+        for i in range(5):
+            await box.put("t", str(i), "text/plain")
+        cut_between_reads = 0
+        for attempt in range(400):
+            task = asyncio.create_task(box.fetch(10))  # 5 stored: a second read comes back empty
+            for _ in range(attempt % 40):
+                await asyncio.sleep(0)
+            if attempt >= 40:
+                await asyncio.sleep((attempt % 40) * 2e-5)
+            task.cancel()
+            try:
+                rows = await task
+            except asyncio.CancelledError:
+                rows = []
+                cut_between_reads += 1
+            box.release(rows)  # what the uplink does with what it held
+            again = await box.fetch(10)
+            assert [Envelope.decode(r.body).data for r in again] == [str(i) for i in range(5)], (
+                f"attempt {attempt}: rows stuck after a cancelled fetch"
+            )
+            box.release(again)
+        assert cut_between_reads > 0

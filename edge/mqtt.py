@@ -117,7 +117,6 @@ class MqttConnection:
         self._connack: asyncio.Future[Connack] = self._loop.create_future()
         self._closed: asyncio.Future[Closed] = self._loop.create_future()
         self._aborting = False
-        self.acks_received = 0  # PUBACKs this connection got: proof the link carried traffic
         self._pending: dict[int, Callable[[PublishResult], None]] = {}
         self._sock: Any = None
         self._misc: asyncio.TimerHandle | None = None
@@ -210,7 +209,6 @@ class MqttConnection:
     def _on_publish(
         self, client: paho.Client, userdata: Any, mid: int, rc: ReasonCode, props: Properties
     ) -> None:
-        self.acks_received += 1
         done = self._pending.pop(mid, None)
         if done is not None:
             done(PublishResult(not rc.is_failure, "" if not rc.is_failure else str(rc)))

@@ -152,7 +152,7 @@ class Uplink:
         self._last_error = None
         log.info("uplink online: %s (session present: %s)", self.settings.url,
                  connack.session_present)
-        conn.publish(f"{self.base}/status", self._status_payload("online"), retain=True)
+        status = conn.publish(f"{self.base}/status", self._status_payload("online"), retain=True)
         async with asyncio.TaskGroup() as tg:
             window = self.settings.inflight
             if connack.receive_maximum is not None:
@@ -161,13 +161,13 @@ class Uplink:
             if window < self.settings.inflight:
                 log.info("broker takes %d messages in flight at most; window %d -> %d",
                          window, self.settings.inflight, window)
-            pump = tg.create_task(self._pump(conn, connack.max_packet_size, window))
+            pump = tg.create_task(self._pump(conn, status, connack.max_packet_size, window))
             beat = tg.create_task(self._heartbeat(conn))
             dog = tg.create_task(self._watchdog(conn))
             closed = await conn.closed
             for task in (pump, beat, dog):
                 task.cancel()
-        self._judge_oldest_held(conn, closed)
+        self._judge_oldest_held(closed)
         raise UplinkError(closed.reason)
 
     async def _heartbeat(self, conn: MqttConnection) -> None:
@@ -189,8 +189,24 @@ class Uplink:
 
     # ---- moving rows -------------------------------------------------------------
 
-    async def _pump(self, conn: MqttConnection, max_packet: int | None, window: int) -> None:
+    async def _pump(
+        self,
+        conn: MqttConnection,
+        status: asyncio.Future[PublishResult],
+        max_packet: int | None,
+        window: int,
+    ) -> None:
         v5 = conn.v5
+        # No row goes out before the link has carried one PUBACK (the retained status):
+        # a broker that reads a refused message together with the status may drop the
+        # link before it writes the status PUBACK, and then nothing would tell a broken
+        # link from a refused message (see _judge_oldest_held).
+        try:
+            async with asyncio.timeout(self.settings.connect_timeout):
+                await status
+        except TimeoutError:
+            conn.abort(f"no PUBACK for the status within {self.settings.connect_timeout:.0f}s")
+            return
         while True:
             rows = await self.outbox.fetch(window)
             if not rows:
@@ -256,13 +272,14 @@ class Uplink:
             self._held.clear()
         self._sent_at.clear()
 
-    def _judge_oldest_held(self, conn: MqttConnection, closed: Closed) -> None:
+    def _judge_oldest_held(self, closed: Closed) -> None:
         """Decide whether the connection ended because of the oldest message in flight.
 
         An MQTT 5 broker says so in its DISCONNECT. An MQTT 3.1.1 broker can only
         close the socket: a row is blamed when the broker (not a keepalive) closed a
-        link that had carried PUBACKs, within seconds of the row being sent, and
-        that happened `refused_limit` times running. A flaky network or a broker
+        link that had carried a PUBACK (the pump sends no row before the status is
+        acknowledged), within seconds of the row being sent, and that happened
+        `refused_limit` times running. A flaky network or a broker
         outage never dead-letters anything.
         """
         if not self._held:
@@ -277,7 +294,6 @@ class Uplink:
         suspicious = (
             self.settings.protocol == "3.1.1"
             and closed.by_peer
-            and conn.acks_received > 0
             and sent_at is not None
             and time.monotonic() - sent_at < _STRIKE_WINDOW
         )

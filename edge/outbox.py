@@ -170,6 +170,7 @@ class Outbox:
         self._leased: set[int] = set()  # rows handed to the uplink and not yet gone
         self._cursor = 0  # fetch reads keys above this; never below the mark
         self._rewinds = 0  # times the cursor went back to the mark, so a fetch can tell
+        self._low_insert: int | None = None  # lowest key committed while a fetch reads
         self._mark = 0  # every row with a key up to here is acknowledged
         self._unpurged = 0  # acknowledged rows at or below the mark still stored
         self._bands: dict[int, int] = {}  # priority band -> queued rows
@@ -378,8 +379,11 @@ class Outbox:
             if k not in done.skipped:
                 self._count_band(k, +1)
         if batch.inserts:
-            if min(k for k, *_ in batch.inserts) <= self._cursor:
+            low = min(k for k, *_ in batch.inserts)
+            if low <= self._cursor:
                 self._rewind()  # a higher priority arrived behind the cursor
+            if self._low_insert is None or low < self._low_insert:
+                self._low_insert = low  # a fetch reading now may get past it unseen
             self._more.set()
         if done.evicted or done.skipped:
             log.warning(
@@ -628,6 +632,7 @@ class Outbox:
         out: list[OutRow] = []
         expired: list[OutRow] = []
         cursor, rewinds = self._cursor, self._rewinds
+        self._low_insert = None
         now = self._clock()
         # Nothing is leased until the last read is done: a fetch cancelled between two
         # reads (its connection died) must not leave rows leased that nobody holds.
@@ -652,11 +657,15 @@ class Outbox:
                 out.append(row)
                 if len(out) >= limit:
                     break
-        if rewinds == self._rewinds:
-            self._cursor = cursor
-        # else: a release or a higher priority sent the cursor back while we read; the
-        # next fetch scans again from the mark and skips what this one leased.
         self._leased.update(row.key for row in (*out, *expired))
+        if self._low_insert is not None and self._low_insert <= cursor:
+            # A row committed while we read lies behind where we got to (a higher
+            # priority, or a read that began before its commit): scan again from the mark.
+            self._rewind()
+        elif rewinds == self._rewinds:
+            self._cursor = cursor
+        # else: a release sent the cursor back while we read; the next fetch scans
+        # again from the mark and skips what this one leased.
         if expired:
             self._pending.expired.extend(expired)
             self._wake.set()

@@ -358,3 +358,30 @@ async def test_a_fetch_cancelled_between_its_reads_leaves_no_row_leased(tmp_path
             )
             box.release(again)
         assert cut_between_reads > 0
+
+
+async def test_a_higher_priority_committed_while_a_fetch_reads_is_not_skipped(
+    tmp_path: Path,
+) -> None:
+    # A read that began before a commit and ends after it moves the cursor past
+    # the new row's key: the next fetch must still find that row. Many leased
+    # rows below the cursor make each read slow enough for a commit to land inside.
+    async with opened(tmp_path / "o.db") as box:
+        for i in range(3000):
+            box.submit("t", f"held-{i}", "text/plain", 0, None)
+        await box.put("t", "held-last", "text/plain")
+        held = await box.fetch(3001)
+        assert len(held) == 3001
+        skipped = 0
+        for attempt in range(60):
+            await box.put("t", f"rewind-{attempt}", "text/plain", prio=5)
+            reading = asyncio.create_task(box.fetch(10))
+            await asyncio.sleep(0)
+            await box.put("t", f"urgent-{attempt}", "text/plain", prio=6)
+            rows = await reading
+            rows += await box.fetch(10)
+            got = {Envelope.decode(r.body).data for r in rows}
+            skipped += f"urgent-{attempt}" not in got
+            assert f"rewind-{attempt}" in got
+            await box.ack(rows)
+        assert skipped == 0, f"{skipped} of 60 urgent rows skipped by a fetch"

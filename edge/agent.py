@@ -15,6 +15,7 @@ from typing import IO, Any
 
 from edge import __version__
 from edge.api import ApiServer
+from edge.discovery import Discovery
 from edge.errors import EdgeError
 from edge.outbox import Outbox
 from edge.rates import RateMeter
@@ -28,7 +29,7 @@ log = logging.getLogger("edge.agent")
 
 
 class Agent:
-    """One agent process: outbox, uplink, socket API and telemetry."""
+    """One agent process: outbox, uplink, discovery, socket API and telemetry."""
 
     def __init__(self, settings: Settings, *, clock: Callable[[], float] = time.time) -> None:
         self.settings = settings
@@ -37,12 +38,16 @@ class Agent:
         data_dir = settings.node.data_dir
         self.outbox = Outbox(data_dir / "outbox.db", self.node, settings.queue, clock=clock)
         self.uplink = Uplink(settings.uplink, self.node, self.outbox, boot=self.boot, clock=clock)
+        self.discovery = Discovery(
+            settings.discovery, self.node, version=__version__, profile=settings.node.profile,
+            uplink_state=lambda: self.uplink.snapshot().state, clock=clock,
+        )
         self.telemetry = Telemetry(settings.telemetry.interval, data_dir, self._submit_telemetry)
         self.api = ApiServer(
             settings.api.socket,
             max_line=settings.api.max_line_bytes,
             submit=self._submit,
-            handlers={"status": self._status, "queue": self._queue},
+            handlers={"status": self._status, "queue": self._queue, "peers": self._peers},
             # Leave descriptors for the database, the broker and the process itself.
             max_connections=max(8, min(1024, self._raise_fd_limit() // 2 - 32)),
         )
@@ -70,12 +75,14 @@ class Agent:
                 tasks = [
                     tg.create_task(self.outbox.run(), name="outbox"),
                     tg.create_task(self.uplink.run(), name="uplink"),
+                    tg.create_task(self.discovery.run(), name="discovery"),
                     tg.create_task(self.telemetry.run(), name="telemetry"),
                     tg.create_task(self.rates.run(self.outbox), name="rates"),
                 ]
                 await self._stop.wait()
                 log.info("stopping")
                 await self.api.close()
+                await self.discovery.close()  # goodbyes: peers mark us lost at once
                 await self.uplink.close()
                 for task in tasks:
                     task.cancel()
@@ -176,7 +183,12 @@ class Agent:
                 "last_sample_ts": self.telemetry.last_sample_ts,
             },
             "api": {"rejected": dict(self.api.rejected), "connections": self.api.connections},
+            "discovery": self.discovery.snapshot(),
+            "peers": self.discovery.table.counts(),
         }
+
+    async def _peers(self, req: dict[str, Any]) -> dict[str, Any]:
+        return {"ok": True, "peers": self.discovery.peers()}
 
     async def _queue(self, req: dict[str, Any]) -> dict[str, Any]:
         view = await self._queue_view()

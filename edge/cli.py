@@ -62,7 +62,11 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--log-level", type=str.upper, choices=_LOG_LEVELS, metavar="LEVEL",
                      help="DEBUG, INFO, WARNING or ERROR (default INFO, or $EDGE_LOG_LEVEL)")
 
-    for name, what in (("status", "show the agent's state"), ("queue", "show the outbox")):
+    for name, what in (
+        ("status", "show the agent's state"),
+        ("queue", "show the outbox"),
+        ("peers", "show the agents found on the LAN"),
+    ):
         c = client(name, what)
         c.add_argument("--json", action="store_true", help="print JSON for scripts")
 
@@ -178,6 +182,8 @@ def _client_command(args: argparse.Namespace) -> int:
         return _fail(answer)
     if args.command == "publish":
         _say(json.dumps(answer) if args.json else answer["seq"], accepted=answer["seq"])
+    elif args.command == "peers":
+        _say(json.dumps(answer["peers"], indent=2) if args.json else _peers_table(answer["peers"]))
     elif args.json:
         _say(json.dumps(answer, indent=2))
     elif args.command == "status":
@@ -278,7 +284,43 @@ def _status_table(s: dict[str, Any]) -> str:
         ("lost", f"{q['dropped']} dropped, {q['expired']} expired,"
                  f" {_count(q['dead'], 'dead letter')}"),
     ]
+    d, peers = s.get("discovery"), s.get("peers")
+    if d is not None:
+        line = d["state"]
+        if d["state"] == "running":
+            line += f" as {d['instance']} on {', '.join(d['interfaces'])}"
+            if peers is not None:
+                line += f"; peers {peers['up']} up, {peers['lost']} lost"
+        elif d.get("reason"):
+            line += f": {d['reason']}"
+        rows.append(("discovery", line))
+        if d.get("conflict"):
+            c = d["conflict"]
+            rows.append(("name conflict", f"{c['wanted']!r} is taken on the LAN;"
+                                          f" advertising as {c['instance']!r}"))
     return _rows(rows)
+
+
+def _peers_table(peers: list[dict[str, Any]]) -> str:
+    if not peers:
+        return "no peers found"
+    now = time.time()
+    header = ("NODE", "STATE", "ADDRESSES", "UPLINK", "LAST SEEN")
+    lines = [header] + [
+        (
+            p["node"] if p["node"] == p["instance"] else f"{p['node']} ({p['instance']})",
+            p["state"],
+            ", ".join(p["addresses"]) or "-",
+            p.get("uplink") or "-",
+            f"{_age(now - p['last_seen'])} ago",
+        )
+        for p in peers
+    ]
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header) - 1)]
+    return "\n".join(
+        "  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=False)) + "  " + line[-1]
+        for line in lines
+    )
 
 
 def _queue_table(q: dict[str, Any]) -> str:

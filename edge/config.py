@@ -236,6 +236,18 @@ def _topic_filters(value: Any) -> tuple[str, ...]:
     return tuple(value)
 
 
+def _globs(value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(
+        isinstance(pattern, str) and pattern and not _URL_JUNK.search(pattern)
+        for pattern in value
+    ):
+        raise ValueError(
+            f'expected a list of interface names or patterns like ["eth*", "wlan0"],'
+            f" got {_show(value)}"
+        )
+    return tuple(value)
+
+
 def _positive(seconds: float) -> bool:
     return seconds > 0
 
@@ -297,6 +309,15 @@ _SECTIONS: dict[str, dict[str, Parser]] = {
     },
     "discovery": {
         "enabled": _boolean,
+        "interfaces": _globs,
+        "exclude": _globs,
+        # Quiet peers are asked every sixth of it: below 3s that is a flood of questions.
+        "peer_timeout": _checked(parse_duration, "a duration of at least 3s",
+                                 lambda seconds: seconds >= 3),
+        "forget_after": _checked(parse_duration, "a duration above 0s", _positive),
+        "port": _integer(0, 65535),
+        "scan_interval": _checked(parse_duration, "a duration of at least 1s",
+                                  lambda seconds: seconds >= 1),
     },
 }
 

@@ -70,6 +70,13 @@ class TelemetrySettings:
 @dataclass(frozen=True)
 class DiscoverySettings:
     enabled: bool = True
+    interfaces: tuple[str, ...] = ("*",)  # glob patterns of interface names to use
+    # Container and virtual bridges: a peer is not to be found there.
+    exclude: tuple[str, ...] = ("docker*", "veth*", "br-*", "virbr*", "cni*", "flannel*", "lo")
+    peer_timeout: float = 30.0         # seconds: a peer silent this long (no goodbye) is lost
+    forget_after: float = 86400.0      # seconds a lost peer stays in the table
+    port: int = 0                      # the port in our SRV record (0: no service port)
+    scan_interval: float = 10.0        # seconds between reads of the interfaces' addresses
 
 
 @dataclass(frozen=True)

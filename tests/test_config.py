@@ -71,6 +71,12 @@ interval = "0s"
 
 [discovery]
 enabled = false
+interfaces = ["eth*", "wlan0"]
+exclude = ["eth9"]
+peer_timeout = "12s"
+forget_after = "2h"
+port = 8080
+scan_interval = "5s"
 """
 
 FULL_SETTINGS = Settings(
@@ -99,7 +105,10 @@ FULL_SETTINGS = Settings(
     local=LocalSettings(url="mqtt://localhost", forward=("sensors/#", "+/alarm")),
     api=ApiSettings(socket=Path("/tmp/edge-test/agent.sock"), max_line_bytes=8192),
     telemetry=TelemetrySettings(interval=0.0),
-    discovery=DiscoverySettings(enabled=False),
+    discovery=DiscoverySettings(
+        enabled=False, interfaces=("eth*", "wlan0"), exclude=("eth9",), peer_timeout=12.0,
+        forget_after=7200.0, port=8080, scan_interval=5.0,
+    ),
 )
 
 SECTIONS = {
@@ -252,6 +261,11 @@ def test_services_are_accepted_with_a_warning(
         ("[uplink]\ninflight = 1001\n", "[uplink] inflight", "got 1001"),
         ("[uplink]\nprefix = 5\n", "[uplink] prefix", "expected a string, got 5"),
         ("[discovery]\nenabled = 'yes'\n", "[discovery] enabled", 'true or false, got "yes"'),
+        ("[discovery]\ninterfaces = 'eth0'\n", "[discovery] interfaces", 'like ["eth*", "wlan0"]'),
+        ("[discovery]\nexclude = ['']\n", "[discovery] exclude", 'got [""]'),
+        ("[discovery]\npeer_timeout = '1s'\n", "[discovery] peer_timeout", "at least 3s"),
+        ("[discovery]\nport = 70000\n", "[discovery] port", "from 0 to 65535, got 70000"),
+        ("[discovery]\nscan_interval = '0s'\n", "[discovery] scan_interval", "at least 1s"),
         (
             "[queue]\nmax_bytes = 'lots'\n",
             "[queue] max_bytes",

@@ -36,7 +36,7 @@ async def test_agent_work_runs_without_blocking_calls_on_the_loop(
         f'[node]\nid = "loop-check"\ndata_dir = "{tmp_path / "data"}"\n'
         f'[uplink]\nurl = "{broker.url}"\nkeepalive = "2s"\nbackoff_max = "0.5s"\n'
         f'[api]\nsocket = "{tmp_path / "agent.sock"}"\n'
-        '[telemetry]\ninterval = "1s"\n'
+        '[telemetry]\ninterval = "1s"\n[discovery]\nenabled = false\n'
     )
     settings = load_settings(config, must_exist=True)
     agent = Agent(settings)

@@ -1,0 +1,160 @@
+"""The peer table, TXT decoding and interface choice: pure policy, no network."""
+
+from __future__ import annotations
+
+import socket
+from types import SimpleNamespace
+
+import psutil
+
+from edge.interfaces import host_token, select_interfaces
+from edge.peers import TXT_VALUE_MAX, PeerTable, format_address, parse_txt
+
+
+def txt(*items: bytes) -> bytes:
+    return b"".join(bytes([len(item)]) + item for item in items)
+
+
+# ---- TXT -----------------------------------------------------------------------
+
+
+def test_txt_keeps_good_entries_and_says_what_was_wrong_with_the_rest() -> None:
+    raw = txt(
+        b"node=pi-1", b"\xff\xfekey=v", b"ver=\xc3(", b"bare", b"=x",
+        b"long=" + b"v" * (TXT_VALUE_MAX + 1), b"NODE=again", b"api=1",
+    )
+    entries, problems = parse_txt(raw)
+    assert entries == {
+        "node": "pi-1", "ver": {"base64": "wyg="}, "bare": None, "api": "1",
+    }
+    assert sorted(problems) == sorted([
+        "txt_bad_key", "txt_value_not_utf8", "txt_empty_key", "txt_value_too_long",
+        "txt_repeated_key",
+    ])
+
+
+def test_txt_length_running_past_the_end_is_truncated_not_read_beyond() -> None:
+    entries, problems = parse_txt(txt(b"node=a") + bytes([50]) + b"short")
+    assert entries == {"node": "a"}
+    assert problems == ["txt_truncated"]
+
+
+def test_empty_txt_record_has_no_entries() -> None:
+    assert parse_txt(b"\x00") == ({}, [])
+
+
+# ---- the table ---------------------------------------------------------------------
+
+
+def announce(table: PeerTable, instance: str, server: str, address: str, now: float) -> None:
+    table.pointer(instance, now)
+    table.service(instance, now, server=server, port=0)
+    table.text(instance, now, {"node": instance.split("-")[0], "uplink": "online"})
+    table.address(server, address, now, flush=True)
+
+
+def test_a_peer_back_with_a_new_address_is_the_same_row_with_only_the_new_address() -> None:
+    table = PeerTable()
+    announce(table, "pi", "pi-abc.local.", "198.18.0.1", now=10.0)
+    assert table.goodbye("pi", now=20.0)
+    announce(table, "pi", "pi-abc.local.", "198.18.0.9", now=30.0)
+    [row] = table.rows()
+    assert row["state"] == "up"
+    assert row["addresses"] == ["198.18.0.9"]
+    assert row["first_seen"] == 10.0 and row["last_seen"] == 30.0
+    assert row["lost_at"] is None and row["uplink"] == "online"
+
+
+def test_cache_flush_spares_addresses_heard_within_the_last_second() -> None:
+    table = PeerTable()
+    announce(table, "pi", "pi.local.", "198.18.0.1", now=10.0)
+    table.address("pi.local.", "198.18.0.2", 10.5, flush=True)  # same announcement burst
+    table.address("pi.local.", "fe80::1%eth0", 10.5, flush=True)  # other family: untouched
+    assert table.rows()[0]["addresses"] == ["198.18.0.1", "198.18.0.2", "fe80::1%eth0"]
+    table.address("pi.local.", "198.18.0.3", 20.0, flush=True)
+    assert table.rows()[0]["addresses"] == ["198.18.0.3", "fe80::1%eth0"]
+
+
+def test_an_address_goodbye_removes_it_from_a_live_peer_but_a_lost_peer_keeps_its_last() -> None:
+    table = PeerTable()
+    announce(table, "pi", "pi.local.", "198.18.0.1", now=1.0)
+    table.address("pi.local.", "198.18.0.2", 1.0, flush=False)
+    table.address_gone("pi.local.", "198.18.0.1")
+    assert table.rows()[0]["addresses"] == ["198.18.0.2"]
+    table.goodbye("pi", 2.0)
+    table.address_gone("pi.local.", "198.18.0.2")
+    assert table.rows()[0]["addresses"] == ["198.18.0.2"]
+
+
+def test_silent_peers_are_lost_after_the_timeout_and_forgotten_later() -> None:
+    table = PeerTable()
+    announce(table, "a", "a.local.", "198.18.0.1", now=0.0)
+    announce(table, "b", "b.local.", "198.18.0.2", now=0.0)
+    table.alive("b", 25.0)
+    assert [p.instance for p in table.quiet(26.0, after=10.0)] == ["a"]
+    assert [p.instance for p in table.expire(30.0, peer_timeout=30.0, forget_after=60.0)] == ["a"]
+    assert table.counts() == {"up": 1, "lost": 1}
+    assert table.expire(89.0, peer_timeout=100.0, forget_after=60.0) == []
+    assert table.get("a") is not None
+    table.expire(90.0, peer_timeout=100.0, forget_after=60.0)
+    assert table.get("a") is None and table.get("b") is not None
+
+
+def test_rows_show_wall_clock_times_from_monotonic_ones() -> None:
+    table = PeerTable()
+    announce(table, "a", "a.local.", "198.18.0.1", now=5.0)
+    [row] = table.rows(wall_offset=1_800_000_000.0)
+    assert row["last_seen"] == 1_800_000_005.0
+
+
+def test_a_new_host_name_for_an_instance_drops_the_old_hosts_addresses() -> None:
+    table = PeerTable()
+    announce(table, "pi", "old.local.", "198.18.0.1", now=0.0)
+    table.service("pi", 1.0, server="new.local.", port=0)
+    table.address("new.local.", "198.18.0.7", 1.0, flush=True)
+    table.address("old.local.", "198.18.0.1", 1.5, flush=True)  # the old host still talking
+    assert table.rows()[0]["addresses"] == ["198.18.0.7"]
+
+
+def test_link_local_ipv6_carries_its_scope_or_is_left_out() -> None:
+    ll = socket.inet_pton(socket.AF_INET6, "fe80::1")
+    assert format_address(ll, "eth0") == "fe80::1%eth0"
+    assert format_address(ll, None) is None
+    assert format_address(socket.inet_pton(socket.AF_INET6, "2001:db8::1"), None) == "2001:db8::1"
+    assert format_address(bytes([198, 18, 0, 1]), "eth0") == "198.18.0.1"
+
+
+# ---- interfaces ---------------------------------------------------------------------
+
+
+def addr(family: int, address: str) -> SimpleNamespace:
+    return SimpleNamespace(family=family, address=address)
+
+
+def stat(isup: bool = True, flags: str = "up,broadcast,running,multicast") -> SimpleNamespace:
+    return SimpleNamespace(isup=isup, flags=flags)
+
+
+def test_interfaces_up_multicast_addressed_allowed_and_not_loopback() -> None:
+    addrs = {
+        "lo": [addr(socket.AF_INET, "127.0.0.1")],
+        "eth0": [addr(socket.AF_INET, "198.18.0.1"), addr(psutil.AF_LINK, "aa:bb:cc:00:00:01"),
+                 addr(socket.AF_INET6, "fe80::1%eth0")],
+        "wlan0": [addr(socket.AF_INET, "198.18.1.1")],
+        "docker0": [addr(socket.AF_INET, "198.19.0.1")],
+        "eth1": [addr(socket.AF_INET, "198.18.2.1")],
+        "eth2": [],
+        "tun0": [addr(socket.AF_INET, "198.18.3.1")],
+    }
+    stats = {
+        "lo": stat(flags="up,loopback,running"), "eth0": stat(), "wlan0": stat(),
+        "docker0": stat(), "eth1": stat(isup=False), "eth2": stat(),
+        "tun0": stat(flags="up,pointopoint,running,noarp"),
+    }
+    index = {name: i for i, name in enumerate(addrs, 1)}
+    chosen = select_interfaces(addrs, stats, ["*"], ["docker*", "lo"], index)
+    assert [i.name for i in chosen] == ["eth0", "wlan0"]
+    assert chosen[0].ipv6 == ("fe80::1",) and chosen[0].index == 2
+    only = select_interfaces(addrs, stats, ["wlan*"], [], index)
+    assert [i.name for i in only] == ["wlan0"]
+    assert host_token(chosen) == host_token(chosen[:1]) != ""

@@ -5,10 +5,12 @@ advertised, on which interfaces, and when a peer is up or lost:
 
 - Every record that arrives is read here (a record listener), so a goodbye
   makes its peer `lost` at once instead of when a browser gets round to it.
-- A peer gone quiet is asked directly, by a unicast query to its port 5353
-  (RFC 6762 section 5.5), and only if that goes unanswered, by multicast: a
-  crashed peer is `lost` within `peer_timeout`, and a healthy LAN carries no
-  periodic multicast for it.
+- A peer gone quiet is asked directly: a QU question for its TXT record, sent
+  by unicast to its port 5353 (RFC 6762 sections 5.4, 5.5). A responder answers
+  that by unicast while it has multicast the record within a quarter of its
+  TTL (75 minutes for TXT), so a healthy peer costs the LAN a few multicast
+  packets an hour however many agents ask. Only a peer that does not answer
+  is asked by multicast; it is `lost` at `peer_timeout`.
 - Two agents with one instance name (cloned images) settle it by comparing
   their host names: the smaller one renames itself, without a goodbye for the
   name the other keeps.
@@ -20,7 +22,6 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
-import random
 import secrets
 import socket
 import time
@@ -30,7 +31,6 @@ from typing import Any
 
 from zeroconf import (
     DNSAddress,
-    DNSIncoming,
     DNSOutgoing,
     DNSPointer,
     DNSQuestion,
@@ -56,6 +56,7 @@ from zeroconf.const import (
     _TYPE_AAAA,
     _TYPE_PTR,
     _TYPE_SRV,
+    _TYPE_TXT,
 )
 
 from edge.interfaces import Interface, host_token, read_interfaces
@@ -75,6 +76,9 @@ _BROWSE_REFRESH = 3600.0  # seconds: RFC 6762 5.2, well before the PTR's 75 minu
 _TXT_MIN_INTERVAL = 5.0  # seconds between TXT re-announcements (a flapping uplink)
 _DEFEND_DELAY = 1.0  # seconds: re-announce after the last conflicting record, not during
 _CLAIM_WAIT = 0.3  # seconds to wait for another host to answer for a name we want
+_DRAIN_MAX = 1.5  # seconds a goodbye waits for answers zeroconf has queued (1.2 s at most)
+_DRAIN_POLL = 0.02
+_GOODBYE_REPEAT = 0.125  # seconds between the two copies of a goodbye
 
 
 class _Records(RecordUpdateListener):
@@ -85,19 +89,6 @@ class _Records(RecordUpdateListener):
 
     def async_update_records(self, zc: Zeroconf, now: float, records: list[RecordUpdate]) -> None:
         self._owner.on_records([update.new for update in records])
-
-
-class _Probes(asyncio.DatagramProtocol):
-    """The socket that asks quiet peers directly and hears their unicast answers."""
-
-    def __init__(self, owner: Discovery) -> None:
-        self._owner = owner
-
-    def datagram_received(self, data: bytes, addr: tuple[str | Any, ...]) -> None:
-        self._owner.on_probe_answer(data)
-
-    def error_received(self, exc: Exception) -> None:
-        pass  # ICMP unreachable from a host that is gone: the timeout says so
 
 
 class Discovery:
@@ -134,8 +125,6 @@ class Discovery:
         self._txt: dict[str, str] = {}
         self._txt_at = 0.0
         self._announcing: asyncio.Future[Any] | None = None
-        self._probe4: asyncio.DatagramTransport | None = None
-        self._probe6: asyncio.DatagramTransport | None = None
         self._probed_at: dict[str, float] = {}  # instance -> monotonic time of last probe
         self._asked_at: dict[str, float] = {}  # instance -> monotonic time of last multicast ask
         self._rename = asyncio.Event()
@@ -168,25 +157,29 @@ class Discovery:
         if not self.settings.enabled:
             await asyncio.Event().wait()
         while True:
-            interfaces = await self._read_interfaces()
-            if not interfaces:
-                await self._stop_engine()
-                self._interfaces = []
-                self._set_state("idle", "no interface is up, multicast-capable and allowed by"
-                                " [discovery] interfaces/exclude (loopback never is)")
-                await asyncio.sleep(self.settings.scan_interval)
-                continue
+            interfaces: list[Interface] = []
             try:
+                interfaces = await self._read_interfaces()
+                if not interfaces:
+                    await self._stop_engine()
+                    self._interfaces = []
+                    self._set_state("idle", "no interface is up, multicast-capable and allowed"
+                                    " by [discovery] interfaces/exclude (loopback never is)")
+                    await asyncio.sleep(self.settings.scan_interval)
+                    continue
                 if self._aiozc is None:
                     await self._start_engine(interfaces)
                 elif interfaces != self._interfaces:
                     await self._follow_interfaces(interfaces)
                 self._set_state("running", None)
                 await self._serve_until_rescan()
-            except (OSError, RuntimeError) as exc:
-                # A socket that cannot be made or joined: try again at the next scan.
-                self._set_state("failed", f"mDNS on {', '.join(i.name for i in interfaces)}:"
-                                f" {exc}")
+            except Exception as exc:
+                # A socket that cannot be made or joined, or a surprise from zeroconf:
+                # discovery is off until the next scan; the agent's real work goes on.
+                if not isinstance(exc, OSError | RuntimeError):
+                    log.exception("discovery failed unexpectedly")
+                names = ", ".join(i.name for i in interfaces) or "the interfaces"
+                self._set_state("failed", f"mDNS on {names}: {exc}")
                 await self._stop_engine(goodbye=False)
                 await asyncio.sleep(self.settings.scan_interval)
 
@@ -222,16 +215,7 @@ class Discovery:
             # No IPv6 multicast here (disabled, or no route): IPv4 alone still works.
             self._aiozc = AsyncZeroconf(interfaces=[a for i in interfaces for a in i.ipv4],
                                         ip_version=IPVersion.V4Only)
-        zc = self._aiozc.zeroconf
-        zc.async_add_listener(_Records(self), None)
-        loop = asyncio.get_running_loop()
-        self._probe4, _ = await loop.create_datagram_endpoint(
-            lambda: _Probes(self), local_addr=("0.0.0.0", 0), family=socket.AF_INET
-        )
-        with contextlib.suppress(OSError):
-            self._probe6, _ = await loop.create_datagram_endpoint(
-                lambda: _Probes(self), local_addr=("::", 0), family=socket.AF_INET6
-            )
+        self._aiozc.zeroconf.async_add_listener(_Records(self), None)
         start = time.monotonic()
         self._browse_at = [start + delay for delay in _BROWSE_AT]
         await self._register(self.node)
@@ -244,22 +228,39 @@ class Discovery:
 
     async def _stop_engine(self, goodbye: bool = True) -> None:
         aiozc, self._aiozc = self._aiozc, None
-        for transport in (self._probe4, self._probe6):
-            if transport is not None:
-                transport.close()
-        self._probe4 = self._probe6 = None
         if self._announcing is not None:
             self._announcing.cancel()
             self._announcing = None
         if aiozc is None:
             return
-        if not goodbye and self._info is not None:
-            aiozc.zeroconf.registry.async_remove(self._info)
+        zc = aiozc.zeroconf
         try:
-            await aiozc.async_close()  # goodbyes for what is still registered
+            # Built while registered, and the service leaves the registry: no answer
+            # is made for it from here on.
+            farewell = zc.generate_unregister_all_services()
+            if goodbye and farewell is not None:
+                await self._drain(zc)
+                for i in range(2):
+                    if i:
+                        await asyncio.sleep(_GOODBYE_REPEAT)
+                    zc.async_send(farewell)
+            await aiozc.async_close()
         except Exception as exc:
             log.warning("closing mDNS: %s", exc)
         self._info = None
+
+    @staticmethod
+    async def _drain(zc: Zeroconf) -> None:
+        """Wait until the answers zeroconf queued (aggregated, delayed) have gone out.
+
+        One sent after our goodbye would bring us back in every peer's table, and
+        peers drop a repeated goodbye as a duplicate packet.
+        """
+        queues = [getattr(zc, name, None) for name in ("out_queue", "out_delay_queue")]
+        for _ in range(round(_DRAIN_MAX / _DRAIN_POLL)):  # zeroconf has no event for it
+            if not any(getattr(q, "queue", None) for q in queues):
+                return
+            await asyncio.sleep(_DRAIN_POLL)
 
     async def _follow_interfaces(self, interfaces: list[Interface]) -> None:
         """Addresses or interfaces changed: move the sockets, say goodbye for the old."""
@@ -413,17 +414,23 @@ class Discovery:
                      now - peer.last_seen)
 
     def _probe(self, instance: str, addresses: list[str]) -> None:
-        out = DNSOutgoing(_FLAGS_QR_QUERY, multicast=False, id_=random.randint(1, 0xFFFF))
-        out.add_question(DNSQuestion(f"{instance}.{SERVICE_TYPE}", _TYPE_SRV, _CLASS_IN))
-        packet = out.packets()[0]
+        """Ask one peer, by unicast from port 5353, for its TXT record (a QU question)."""
+        if self._aiozc is None:
+            return
+        question = DNSQuestion(f"{instance}.{SERVICE_TYPE}", _TYPE_TXT, _CLASS_IN)
+        question.unicast = True
+        out = DNSOutgoing(_FLAGS_QR_QUERY)
+        out.add_question(question)
+        zc = self._aiozc.zeroconf
+        # The answer comes back through zeroconf to on_records, like any other.
         for address in addresses:
+            host, _, scope = address.partition("%")
             try:
-                if ":" in address and self._probe6 is not None:
-                    host, _, scope = address.partition("%")
+                if ":" in host:
                     index = socket.if_nametoindex(scope) if scope else 0
-                    self._probe6.sendto(packet, (host, _MDNS_PORT, 0, index))
-                elif ":" not in address and self._probe4 is not None:
-                    self._probe4.sendto(packet, (address, _MDNS_PORT))
+                    zc.async_send(out, host, _MDNS_PORT, (0, index))
+                else:
+                    zc.async_send(out, host, _MDNS_PORT)
             except OSError:
                 pass  # no route to it any more: the timeout says so
 
@@ -449,16 +456,31 @@ class Discovery:
         """Records from one packet (zeroconf calls this on the loop, before caching them)."""
         try:
             now = time.monotonic()
-            # Host names first need their SRV: read the service records before addresses.
-            for record in records:
-                if not isinstance(record, DNSAddress):
-                    self._on_service_record(record, now)
-            for record in records:
-                if isinstance(record, DNSAddress):
-                    self._on_address(record, now)
+            before = self.table.states()
+            # Only an SRV makes a row, and addresses belong to its host name: SRV
+            # records first, then PTR and TXT, then addresses.
+            for kinds in ((DNSService,), (DNSPointer, DNSText), (DNSAddress,)):
+                for record in records:
+                    if isinstance(record, kinds):
+                        self._on_record(record, now)
+            self._log_changes(before, records)
         except Exception:
             # A record we failed to read must not stop the next one (or zeroconf).
             self._reject("-", "record_error", "a record could not be read", exc_info=True)
+
+    def _log_changes(self, before: dict[str, str], records: list[DNSRecord]) -> None:
+        for instance, state in self.table.states().items():
+            was = before.get(instance)
+            if state == was:
+                continue
+            if state == "lost":
+                log.info("peer %s said goodbye", instance)
+            else:
+                peer = self.table.get(instance)
+                where = ", ".join(peer.addresses) if peer is not None else ""
+                log.info("peer %s %s (%s)%s", instance, "found" if was is None else "back",
+                         where or "no address yet",
+                         "" if log.isEnabledFor(logging.DEBUG) is False else f" from {records}")
 
     def _instance_of(self, name: str) -> str | None:
         suffix = "." + SERVICE_TYPE
@@ -466,7 +488,10 @@ class Discovery:
             return name[: -len(suffix)]
         return None
 
-    def _on_service_record(self, record: DNSRecord, now: float) -> None:
+    def _on_record(self, record: DNSRecord, now: float) -> None:
+        if isinstance(record, DNSAddress):
+            self._on_address(record, now)
+            return
         gone = record.ttl == 0
         if isinstance(record, DNSPointer):
             if record.name.lower() != SERVICE_TYPE:
@@ -488,15 +513,20 @@ class Discovery:
             if gone:
                 self._lost_by_goodbye(instance, now)
                 return
+            known = self.table.get(instance) is not None
             self.table.service(instance, now, server=record.server, port=record.port)
-            self._fill_addresses(instance, record.server, now)
+            self._fill_from_cache(instance, record.server, now, txt=not known)
         elif isinstance(record, DNSText):
-            if self._is_own(instance, None) or gone:
-                return
-            entries, problems = parse_txt(record.text)
-            for problem in problems:
-                self._reject(instance, problem, "malformed TXT entry skipped or kept as bytes")
-            self.table.text(instance, now, entries)
+            if not self._is_own(instance, None) and not gone:
+                self._on_text(instance, record, now)
+
+    def _on_text(self, instance: str, record: DNSText, now: float) -> None:
+        if self.table.get(instance) is None:
+            return  # no SRV yet: the TXT is read from the cache when it comes
+        entries, problems = parse_txt(record.text)
+        for problem in problems:
+            self._reject(instance, problem, "malformed TXT entry skipped or kept as bytes")
+        self.table.text(instance, now, entries)
 
     def _is_own(self, instance: str, server: str | None, *, gone: bool = False) -> bool:
         """Whether a record names our own instance; notice a conflict if it is not ours."""
@@ -516,17 +546,20 @@ class Discovery:
         return True
 
     def _lost_by_goodbye(self, instance: str, now: float) -> None:
-        if self.table.goodbye(instance, now):
-            log.info("peer %s said goodbye", instance)
+        self.table.goodbye(instance, now)
 
-    def _fill_addresses(self, instance: str, server: str, now: float) -> None:
-        """Addresses that came in an earlier packet than the SRV are in zeroconf's cache."""
+    def _fill_from_cache(self, instance: str, server: str, now: float, *, txt: bool) -> None:
+        """Records that came in an earlier packet than the SRV are in zeroconf's cache."""
         if self._aiozc is None:
             return
-        millis = current_time_millis()
-        for record in self._aiozc.zeroconf.cache.async_entries_with_name(server.lower()):
+        cache, millis = self._aiozc.zeroconf.cache, current_time_millis()
+        for record in cache.async_entries_with_name(server.lower()):
             if isinstance(record, DNSAddress) and not record.is_expired(millis):
                 self._on_address(record, now, flush=False)
+        if txt:
+            for record in cache.async_entries_with_name(f"{instance}.{SERVICE_TYPE}".lower()):
+                if isinstance(record, DNSText) and not record.is_expired(millis):
+                    self._on_text(instance, record, now)
 
     def _on_address(self, record: DNSAddress, now: float, *, flush: bool | None = None) -> None:
         address = format_address(record.address, self._scope_name(record))
@@ -545,20 +578,6 @@ class Discovery:
                 return socket.if_indextoname(scope)
         # Heard over IPv4: with one interface, that is where the peer is.
         return self._interfaces[0].name if len(self._interfaces) == 1 else None
-
-    def on_probe_answer(self, data: bytes) -> None:
-        """A unicast answer to one of our direct questions."""
-        try:
-            message = DNSIncoming(data)
-            if not message.valid:
-                raise ValueError("not a DNS message")
-            now = time.monotonic()
-            for record in message.answers():
-                instance = self._instance_of(record.name)
-                if instance is not None and isinstance(record, DNSService) and record.ttl:
-                    self.table.alive(instance, now)
-        except Exception:
-            self._reject("-", "probe_answer_malformed", "a unicast answer could not be read")
 
     def _reject(self, instance: str, kind: str, what: str, *, exc_info: bool = False) -> None:
         self.rejected[kind] += 1

@@ -122,20 +122,16 @@ class PeerTable:
         up = sum(p.state == "up" for p in self._peers.values())
         return {"up": up, "lost": len(self._peers) - up}
 
-    def _row(self, instance: str, now: float) -> Peer:
-        peer = self._peers.get(instance)
-        if peer is None:
-            peer = self._peers[instance] = Peer(instance, instance, now, now)
-        return peer
-
     def _heard(self, peer: Peer, now: float) -> None:
         peer.last_seen = now
         if peer.state != "up":
             peer.state, peer.lost_at = "up", None
 
     def service(self, instance: str, now: float, *, server: str, port: int) -> None:
-        """An SRV record: where the instance lives."""
-        peer = self._row(instance, now)
+        """An SRV record: where the instance lives (only this makes a new row)."""
+        peer = self._peers.get(instance)
+        if peer is None:
+            peer = self._peers[instance] = Peer(instance, instance, now, now)
         if server != peer.server:
             peer.server = server
             peer.addresses.clear()  # they belonged to the old host name
@@ -143,8 +139,10 @@ class PeerTable:
         self._heard(peer, now)
 
     def text(self, instance: str, now: float, entries: dict[str, Any]) -> None:
-        """A TXT record: the instance's properties (the node id among them)."""
-        peer = self._row(instance, now)
+        """A TXT record: the properties (node id among them) of a peer we know the SRV of."""
+        peer = self._peers.get(instance)
+        if peer is None:
+            return  # a TXT alone says nothing of where a peer is: wait for its SRV
         peer.txt = entries
         node = entries.get("node")
         if isinstance(node, str) and node:
@@ -152,8 +150,10 @@ class PeerTable:
         self._heard(peer, now)
 
     def pointer(self, instance: str, now: float) -> None:
-        """A PTR record naming the instance: it is there."""
-        self._heard(self._row(instance, now), now)
+        """A PTR record naming a peer we know: it is there."""
+        peer = self._peers.get(instance)
+        if peer is not None:
+            self._heard(peer, now)
 
     def address(self, server: str, address: str, now: float, *, flush: bool) -> None:
         """An A/AAAA record for a host name; `flush` is its cache-flush bit."""
@@ -208,6 +208,10 @@ class PeerTable:
                 if now - peer.lost_at >= forget_after:
                     del self._peers[peer.instance]
         return lost
+
+    def states(self) -> dict[str, str]:
+        """Instance name -> state, for noticing changes."""
+        return {name: peer.state for name, peer in self._peers.items()}
 
     def instances(self) -> set[str]:
         """Instance names of every row."""

@@ -158,3 +158,14 @@ def test_interfaces_up_multicast_addressed_allowed_and_not_loopback() -> None:
     only = select_interfaces(addrs, stats, ["wlan*"], [], index)
     assert [i.name for i in only] == ["wlan0"]
     assert host_token(chosen) == host_token(chosen[:1]) != ""
+
+
+def test_a_txt_or_ptr_alone_makes_no_row_but_updates_a_known_peer() -> None:
+    table = PeerTable()
+    table.text("ghost", 1.0, {"node": "ghost"})
+    table.pointer("ghost", 1.0)
+    assert len(table) == 0
+    table.service("ghost", 2.0, server="ghost.local.", port=7)
+    table.text("ghost", 3.0, {"node": "real-id"})
+    [row] = table.rows()
+    assert row["node"] == "real-id" and row["port"] == 7 and row["last_seen"] == 3.0

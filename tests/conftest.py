@@ -1,4 +1,4 @@
-"""Fixtures: a real mosquitto, the agent as a subprocess, and a cloud-side subscriber.
+"""Fixtures: a real mosquitto, the agent as a subprocess, a cloud-side subscriber, a LAN.
 
 Every peer made here is torn down by its fixture, whatever the test did to it
 (a paused broker is resumed and killed, a live agent is stopped, a subscriber
@@ -10,12 +10,14 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import NoReturn
 
 import pytest
 
 from tests.support.agent import Agent, Overrides
 from tests.support.broker import Broker, find_mosquitto
 from tests.support.net import free_port
+from tests.support.netns import Lan, netns_unavailable, sweep_leftovers
 from tests.support.subscriber import UP_FILTER, Subscriber
 
 BrokerFactory = Callable[..., Broker]
@@ -29,16 +31,44 @@ def free_tcp_port() -> int:
     return free_port()
 
 
+def skip_missing(reason: str) -> NoReturn:
+    """Skip a test whose real peer cannot run here; fail instead on CI, which provides it."""
+    if os.environ.get("CI"):
+        pytest.fail(f"{reason}: CI must run every test")
+    pytest.skip(reason)
+
+
 @pytest.fixture(scope="session")
 def mosquitto_binary() -> str:
     """Path of mosquitto; skip (fail on CI, which installs it) when it is missing."""
     found = find_mosquitto()
     if found is None:
-        reason = "mosquitto is not installed (apt-get install mosquitto; scripts/test does)"
-        if os.environ.get("CI"):
-            pytest.fail(f"{reason}: CI must run every test")
-        pytest.skip(reason)
+        skip_missing("mosquitto is not installed (apt-get install mosquitto; scripts/test does)")
     return found
+
+
+@pytest.fixture(scope="session")
+def netns_ok() -> None:
+    """Skip (fail on CI) when this process cannot build network namespaces, saying why."""
+    reason = netns_unavailable()
+    if reason is not None:
+        skip_missing(reason)
+    swept = sweep_leftovers()
+    if swept:
+        print(f"deleted {len(swept)} network namespaces left by dead test runs: {swept}")
+
+
+@pytest.fixture
+def lan(tmp_path: Path, netns_ok: None) -> Iterator[Lan]:
+    """An empty LAN (a bridge in its own namespace): lan.add_host("a") plugs in a host.
+
+    Teardown stops its agents, kills what runs in its namespaces and deletes them.
+    """
+    with Lan(tmp_path / "lan") as made:
+        try:
+            yield made
+        finally:
+            print(f"--- lan ---\n{made.describe()}")
 
 
 @pytest.fixture

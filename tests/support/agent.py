@@ -14,7 +14,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -172,7 +172,12 @@ def publish_request(
 
 
 class Agent:
-    """`python -m edge run` with a config file under `workdir`."""
+    """`python -m edge run` with a config file under `workdir`.
+
+    `prefix` goes before the command, e.g. `["ip", "netns", "exec", NS]` to run
+    the agent in a network namespace; it must exec the command, so that `pid`
+    stays the agent's own and signals reach it.
+    """
 
     def __init__(
         self,
@@ -181,9 +186,11 @@ class Agent:
         uplink: str = "",
         node_id: str = "node-a",
         overrides: Overrides | None = None,
+        prefix: Sequence[str] = (),
     ) -> None:
         self.workdir = workdir
         self.node_id = node_id
+        self.prefix = list(prefix)
         self.data_dir = workdir / "data"
         self.socket_path = workdir / "agent.sock"
         self.config_path = workdir / "agent.toml"
@@ -240,11 +247,12 @@ class Agent:
             p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p
         )
         env["PYTHONUNBUFFERED"] = "1"
+        command = [sys.executable, "-m", "edge", "run", "--config", str(self.config_path)]
         with open(self.log_path, "ab") as log:
             log.write(f"--- start #{self.starts + 1} ---\n".encode())
             log.flush()
             self._proc = subprocess.Popen(
-                [sys.executable, "-m", "edge", "run", "--config", str(self.config_path)],
+                [*self.prefix, *command],
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,

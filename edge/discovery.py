@@ -78,6 +78,7 @@ _DEFEND_DELAY = 1.0  # seconds: re-announce after the last conflicting record, n
 _CLAIM_WAIT = 0.3  # seconds to wait for another host to answer for a name we want
 _DRAIN_MAX = 1.5  # seconds a goodbye waits for answers zeroconf has queued (1.2 s at most)
 _DRAIN_POLL = 0.02
+_RESOLVE_TRIES = 3  # questions for an SRV, TXT or address a peer's packets left out
 _GOODBYE_REPEAT = 0.125  # seconds between the two copies of a goodbye
 
 
@@ -110,7 +111,7 @@ class Discovery:
         self.profile = profile
         self._uplink_state = uplink_state
         self._clock = clock
-        self.table = PeerTable()
+        self.table = PeerTable(wall=clock)
         self.rejected: Counter[str] = Counter()
         self._logged: set[tuple[str, str]] = set()
         self.state = "disabled" if not settings.enabled else "starting"
@@ -130,6 +131,7 @@ class Discovery:
         self._rename = asyncio.Event()
         self._defend_at: float | None = None
         self._browse_at: list[float] = []
+        self._unresolved: dict[str, tuple[int, float]] = {}  # instance -> (tries, next at)
 
     # ---- what status and `peers` show ---------------------------------------
 
@@ -148,7 +150,7 @@ class Discovery:
 
     def peers(self) -> list[dict[str, Any]]:
         """The peer table's rows."""
-        return self.table.rows(wall_offset=self._clock() - time.monotonic())
+        return self.table.rows()
 
     # ---- lifetime --------------------------------------------------------------
 
@@ -362,6 +364,7 @@ class Discovery:
             await self._keep_txt()
             await self._defend()
             self._browse()
+            self._resolve()
             self._check_liveness()
             await asyncio.sleep(_TICK)
 
@@ -393,7 +396,27 @@ class Discovery:
             self._browse_at.pop(0)
             if not self._browse_at:
                 self._browse_at.append(now + _BROWSE_REFRESH)
-            self._ask_multicast(SERVICE_TYPE, _TYPE_PTR)
+            self._ask_peers()
+
+    def _resolve(self) -> None:
+        """Ask for what a peer's packets left out (some responders send the PTR alone)."""
+        now = time.monotonic()
+        for instance, (tries, next_at) in list(self._unresolved.items()):
+            peer = self.table.get(instance)
+            if (peer is not None and peer.addresses and peer.txt) or tries >= _RESOLVE_TRIES:
+                del self._unresolved[instance]
+                continue
+            if now < next_at or self._aiozc is None:
+                continue
+            self._unresolved[instance] = (tries + 1, now + 2.0 ** tries)
+            full = f"{instance}.{SERVICE_TYPE}"
+            out = DNSOutgoing(_FLAGS_QR_QUERY)
+            for qtype in (_TYPE_SRV, _TYPE_TXT):
+                out.add_question(DNSQuestion(full, qtype, _CLASS_IN))
+            if peer is not None and peer.server:
+                for qtype in (_TYPE_A, _TYPE_AAAA):
+                    out.add_question(DNSQuestion(peer.server, qtype, _CLASS_IN))
+            self._aiozc.zeroconf.async_send(out)
 
     def _check_liveness(self) -> None:
         """Ask quiet peers directly; mark silent ones lost; forget long-lost ones."""
@@ -433,6 +456,22 @@ class Discovery:
                     zc.async_send(out, host, _MDNS_PORT)
             except OSError:
                 pass  # no route to it any more: the timeout says so
+
+    def _ask_peers(self) -> None:
+        """Ask the LAN who is there, listing the peers we know (RFC 6762 7.1).
+
+        A peer whose PTR we hold with more than half its TTL left stays quiet, so
+        the hourly question costs a few answers, not one from every agent on the LAN.
+        """
+        if self._aiozc is None:
+            return
+        zc = self._aiozc.zeroconf
+        out = DNSOutgoing(_FLAGS_QR_QUERY)
+        out.add_question(DNSQuestion(SERVICE_TYPE, _TYPE_PTR, _CLASS_IN))
+        now = current_time_millis()
+        for record in zc.cache.async_all_by_details(SERVICE_TYPE, _TYPE_PTR, _CLASS_IN):
+            out.add_answer_at_time(record, now)
+        zc.async_send(out)
 
     def _ask_multicast(self, name: str, qtype: int) -> None:
         if self._aiozc is None:
@@ -501,6 +540,8 @@ class Discovery:
                 return
             if gone:
                 self._lost_by_goodbye(instance, now)
+            elif self.table.get(instance) is None:
+                self._unresolved.setdefault(instance, (0, 0.0))  # a PTR without its SRV
             else:
                 self.table.pointer(instance, now)
             return
@@ -513,9 +554,16 @@ class Discovery:
             if gone:
                 self._lost_by_goodbye(instance, now)
                 return
-            known = self.table.get(instance) is not None
+            known = self.table.get(instance)
             self.table.service(instance, now, server=record.server, port=record.port)
-            self._fill_from_cache(instance, record.server, now, txt=not known)
+            if known is None or known.server != record.server:
+                # A new row, or a new host name: what came in earlier packets is in the
+                # cache. A known host's cached addresses may be stale (it may be back with
+                # a new one): its own announcement flushes and refills them instead.
+                self._fill_from_cache(instance, record.server, now, txt=known is None)
+            peer = self.table.get(instance)
+            if peer is not None and (not peer.addresses or not peer.txt):
+                self._unresolved.setdefault(instance, (0, 0.0))
         elif isinstance(record, DNSText):
             if not self._is_own(instance, None) and not gone:
                 self._on_text(instance, record, now)

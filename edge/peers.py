@@ -2,14 +2,17 @@
 
 Pure bookkeeping, fed by discovery with what arrived on the wire: no I/O,
 no zeroconf. Rows are keyed by instance name, so a peer that comes back with
-a new address is the same row, updated. Times are monotonic seconds, so a
-wall-clock step never makes a peer look silent; rows show wall-clock times.
+a new address is the same row, updated. Liveness runs on monotonic seconds,
+so a wall-clock step never makes a peer look silent; rows show the wall-clock
+time each event happened at.
 """
 
 from __future__ import annotations
 
 import base64
 import ipaddress
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,17 +28,20 @@ class Peer:
 
     instance: str
     node: str
-    first_seen: float
-    last_seen: float
+    first_seen: float  # monotonic
+    last_seen: float  # monotonic
+    first_seen_wall: float
+    last_seen_wall: float
     port: int = 0
     server: str = ""
     txt: dict[str, Any] = field(default_factory=dict)
     addresses: dict[str, float] = field(default_factory=dict)  # address -> when heard
     state: str = "up"
-    lost_at: float | None = None
+    lost_at: float | None = None  # monotonic
+    lost_at_wall: float | None = None
 
-    def view(self, wall_offset: float = 0.0) -> dict[str, Any]:
-        """The row as `peers` and `edge peers --json` give it (wall = monotonic + offset)."""
+    def view(self) -> dict[str, Any]:
+        """The row as `peers` and `edge peers --json` give it."""
         uplink = self.txt.get("uplink")
         return {
             "node": self.node,
@@ -45,9 +51,9 @@ class Peer:
             "port": self.port,
             "txt": dict(self.txt),
             "uplink": uplink if isinstance(uplink, str) else None,
-            "first_seen": self.first_seen + wall_offset,
-            "last_seen": self.last_seen + wall_offset,
-            "lost_at": None if self.lost_at is None else self.lost_at + wall_offset,
+            "first_seen": self.first_seen_wall,
+            "last_seen": self.last_seen_wall,
+            "lost_at": self.lost_at_wall,
         }
 
 
@@ -102,8 +108,9 @@ def parse_txt(raw: bytes) -> tuple[dict[str, Any], list[str]]:
 class PeerTable:
     """Peers by instance name, with their addresses by server name."""
 
-    def __init__(self) -> None:
+    def __init__(self, wall: Callable[[], float] = time.time) -> None:
         self._peers: dict[str, Peer] = {}
+        self._wall = wall
 
     def __len__(self) -> int:
         return len(self._peers)
@@ -112,10 +119,10 @@ class PeerTable:
         """The row for an instance, if any."""
         return self._peers.get(instance)
 
-    def rows(self, wall_offset: float = 0.0) -> list[dict[str, Any]]:
+    def rows(self) -> list[dict[str, Any]]:
         """Every row, up ones first, then by node id."""
         peers = sorted(self._peers.values(), key=lambda p: (p.state != "up", p.node, p.instance))
-        return [p.view(wall_offset) for p in peers]
+        return [p.view() for p in peers]
 
     def counts(self) -> dict[str, int]:
         """Rows up and lost."""
@@ -123,15 +130,23 @@ class PeerTable:
         return {"up": up, "lost": len(self._peers) - up}
 
     def _heard(self, peer: Peer, now: float) -> None:
-        peer.last_seen = now
+        peer.last_seen, peer.last_seen_wall = now, self._wall()
         if peer.state != "up":
-            peer.state, peer.lost_at = "up", None
+            peer.state, peer.lost_at, peer.lost_at_wall = "up", None, None
+
+    def _lose(self, peer: Peer, now: float) -> None:
+        peer.state, peer.lost_at, peer.lost_at_wall = "lost", now, self._wall()
+        # Still shown, but stale: whatever it announces when it is back replaces them,
+        # even within the second a cache-flush spares (it may be back within one).
+        for address in peer.addresses:
+            peer.addresses[address] = float("-inf")
 
     def service(self, instance: str, now: float, *, server: str, port: int) -> None:
         """An SRV record: where the instance lives (only this makes a new row)."""
         peer = self._peers.get(instance)
         if peer is None:
-            peer = self._peers[instance] = Peer(instance, instance, now, now)
+            wall = self._wall()
+            peer = self._peers[instance] = Peer(instance, instance, now, now, wall, wall)
         if server != peer.server:
             peer.server = server
             peer.addresses.clear()  # they belonged to the old host name
@@ -190,7 +205,7 @@ class PeerTable:
         peer = self._peers.get(instance)
         if peer is None or peer.state == "lost":
             return False
-        peer.state, peer.lost_at = "lost", now
+        self._lose(peer, now)
         return True
 
     def quiet(self, now: float, after: float) -> list[Peer]:
@@ -202,7 +217,7 @@ class PeerTable:
         lost = []
         for peer in list(self._peers.values()):
             if peer.state == "up" and now - peer.last_seen >= peer_timeout:
-                peer.state, peer.lost_at = "lost", now
+                self._lose(peer, now)
                 lost.append(peer)
             elif peer.state == "lost" and peer.lost_at is not None:
                 if now - peer.lost_at >= forget_after:

@@ -45,8 +45,23 @@ def test_empty_txt_record_has_no_entries() -> None:
 
 # ---- the table ---------------------------------------------------------------------
 
+WALL_OFFSET = 1_800_000_000.0
+
+
+class Wall:
+    """A wall clock the tests move along with the monotonic `now` they pass in."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now + WALL_OFFSET
+
 
 def announce(table: PeerTable, instance: str, server: str, address: str, now: float) -> None:
+    wall = getattr(table, "_wall", None)
+    if isinstance(wall, Wall):
+        wall.now = now
     table.pointer(instance, now)
     table.service(instance, now, server=server, port=0)
     table.text(instance, now, {"node": instance.split("-")[0], "uplink": "online"})
@@ -54,14 +69,14 @@ def announce(table: PeerTable, instance: str, server: str, address: str, now: fl
 
 
 def test_a_peer_back_with_a_new_address_is_the_same_row_with_only_the_new_address() -> None:
-    table = PeerTable()
+    table = PeerTable(wall=Wall())
     announce(table, "pi", "pi-abc.local.", "198.18.0.1", now=10.0)
     assert table.goodbye("pi", now=20.0)
     announce(table, "pi", "pi-abc.local.", "198.18.0.9", now=30.0)
     [row] = table.rows()
     assert row["state"] == "up"
     assert row["addresses"] == ["198.18.0.9"]
-    assert row["first_seen"] == 10.0 and row["last_seen"] == 30.0
+    assert row["first_seen"] == WALL_OFFSET + 10 and row["last_seen"] == WALL_OFFSET + 30
     assert row["lost_at"] is None and row["uplink"] == "online"
 
 
@@ -100,11 +115,16 @@ def test_silent_peers_are_lost_after_the_timeout_and_forgotten_later() -> None:
     assert table.get("a") is None and table.get("b") is not None
 
 
-def test_rows_show_wall_clock_times_from_monotonic_ones() -> None:
-    table = PeerTable()
+def test_rows_show_the_wall_clock_of_each_event_and_liveness_ignores_wall_steps() -> None:
+    wall = Wall()
+    table = PeerTable(wall=wall)
     announce(table, "a", "a.local.", "198.18.0.1", now=5.0)
-    [row] = table.rows(wall_offset=1_800_000_000.0)
-    assert row["last_seen"] == 1_800_000_005.0
+    wall.now = 5.0 - 86400  # the wall clock steps back a day (NTP at boot)
+    table.alive("a", 6.0)
+    [row] = table.rows()
+    assert row["first_seen"] == WALL_OFFSET + 5 and row["last_seen"] == WALL_OFFSET + 5 - 86400
+    assert table.expire(7.0, peer_timeout=30.0, forget_after=60.0) == []
+    assert table.rows() == [row]
 
 
 def test_a_new_host_name_for_an_instance_drops_the_old_hosts_addresses() -> None:
@@ -168,4 +188,13 @@ def test_a_txt_or_ptr_alone_makes_no_row_but_updates_a_known_peer() -> None:
     table.service("ghost", 2.0, server="ghost.local.", port=7)
     table.text("ghost", 3.0, {"node": "real-id"})
     [row] = table.rows()
-    assert row["node"] == "real-id" and row["port"] == 7 and row["last_seen"] == 3.0
+    assert row["node"] == "real-id" and row["port"] == 7
+
+
+def test_a_peer_back_within_a_second_of_its_goodbye_shows_only_its_new_address() -> None:
+    table = PeerTable()
+    announce(table, "pi", "pi.local.", "198.18.0.1", now=10.0)
+    table.goodbye("pi", 10.1)
+    assert table.rows()[0]["addresses"] == ["198.18.0.1"]  # a lost row keeps where it was
+    announce(table, "pi", "pi.local.", "198.18.0.2", now=10.8)
+    assert table.rows()[0]["addresses"] == ["198.18.0.2"]

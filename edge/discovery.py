@@ -60,7 +60,7 @@ from zeroconf.const import (
 )
 
 from edge.interfaces import Interface, host_token, read_interfaces
-from edge.peers import PeerTable, format_address, parse_txt
+from edge.peers import MAX_PEERS, PeerTable, format_address, parse_txt
 from edge.settings import DiscoverySettings
 
 __all__ = ["API_VERSION", "SERVICE_TYPE", "Discovery"]
@@ -435,6 +435,10 @@ class Discovery:
         for peer in self.table.expire(now, timeout, self.settings.forget_after):
             log.info("peer %s (%s) lost: silent for %.0fs", peer.instance, peer.node,
                      now - peer.last_seen)
+        known = self.table.instances()
+        for times in (self._probed_at, self._asked_at):
+            for instance in [i for i in times if i not in known]:
+                del times[instance]
 
     def _probe(self, instance: str, addresses: list[str]) -> None:
         """Ask one peer, by unicast from port 5353, for its TXT record (a QU question)."""
@@ -541,7 +545,8 @@ class Discovery:
             if gone:
                 self._lost_by_goodbye(instance, now)
             elif self.table.get(instance) is None:
-                self._unresolved.setdefault(instance, (0, 0.0))  # a PTR without its SRV
+                if len(self._unresolved) < MAX_PEERS:
+                    self._unresolved.setdefault(instance, (0, 0.0))  # a PTR without its SRV
             else:
                 self.table.pointer(instance, now)
             return
@@ -555,7 +560,9 @@ class Discovery:
                 self._lost_by_goodbye(instance, now)
                 return
             known = self.table.get(instance)
-            self.table.service(instance, now, server=record.server, port=record.port)
+            if not self.table.service(instance, now, server=record.server, port=record.port):
+                self._reject(instance, "too_many_peers", "the peer table is full; peer ignored")
+                return
             if known is None or known.server != record.server:
                 # A new row, or a new host name: what came in earlier packets is in the
                 # cache. A known host's cached addresses may be stale (it may be back with

@@ -16,9 +16,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["TXT_VALUE_MAX", "Peer", "PeerTable", "format_address", "parse_txt"]
+__all__ = ["MAX_PEERS", "TXT_VALUE_MAX", "Peer", "PeerTable", "format_address", "parse_txt"]
 
 TXT_VALUE_MAX = 200  # bytes: a longer TXT value is skipped as over-long
+MAX_PEERS = 1000  # rows: a LAN host announcing endless instances must not eat the memory
 _FLUSH_GRACE = 1.0  # seconds: RFC 6762 10.2, a cache-flush spares records this fresh
 
 
@@ -141,10 +142,15 @@ class PeerTable:
         for address in peer.addresses:
             peer.addresses[address] = float("-inf")
 
-    def service(self, instance: str, now: float, *, server: str, port: int) -> None:
-        """An SRV record: where the instance lives (only this makes a new row)."""
+    def service(self, instance: str, now: float, *, server: str, port: int) -> bool:
+        """An SRV record: where the instance lives (only this makes a new row).
+
+        Returns False, changing nothing, when it would be a row over MAX_PEERS.
+        """
         peer = self._peers.get(instance)
         if peer is None:
+            if len(self._peers) >= MAX_PEERS:
+                return False
             wall = self._wall()
             peer = self._peers[instance] = Peer(instance, instance, now, now, wall, wall)
         if server != peer.server:
@@ -152,6 +158,7 @@ class PeerTable:
             peer.addresses.clear()  # they belonged to the old host name
         peer.port = port
         self._heard(peer, now)
+        return True
 
     def text(self, instance: str, now: float, entries: dict[str, Any]) -> None:
         """A TXT record: the properties (node id among them) of a peer we know the SRV of."""

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import psutil
 
 from edge.interfaces import host_token, select_interfaces
-from edge.peers import TXT_VALUE_MAX, PeerTable, format_address, parse_txt
+from edge.peers import MAX_PEERS, TXT_VALUE_MAX, PeerTable, format_address, parse_txt
 
 
 def txt(*items: bytes) -> bytes:
@@ -198,3 +198,13 @@ def test_a_peer_back_within_a_second_of_its_goodbye_shows_only_its_new_address()
     assert table.rows()[0]["addresses"] == ["198.18.0.1"]  # a lost row keeps where it was
     announce(table, "pi", "pi.local.", "198.18.0.2", now=10.8)
     assert table.rows()[0]["addresses"] == ["198.18.0.2"]
+
+
+def test_the_table_refuses_rows_past_its_cap_but_keeps_serving_known_peers() -> None:
+    table = PeerTable()
+    for i in range(MAX_PEERS):
+        assert table.service(f"p{i}", 1.0, server=f"p{i}.local.", port=0)
+    assert not table.service("one-more", 1.0, server="x.local.", port=0)
+    assert table.get("one-more") is None and len(table) == MAX_PEERS
+    assert table.service("p0", 2.0, server="p0.local.", port=9)  # a known one still updates
+    assert table.get("p0") is not None and table.get("p0").port == 9  # type: ignore[union-attr]

@@ -24,8 +24,10 @@ __all__ = [
     "boot_id",
     "identify",
     "load_records",
+    "marked",
     "save_records",
     "session_members",
+    "session_of",
     "signal_session",
 ]
 
@@ -87,6 +89,28 @@ def session_members(session: int) -> list[int]:
             if stat is not None and stat.session == session and stat.state not in ("Z", "X"):
                 members.append(int(entry.name))
     return members
+
+
+def marked(variable: str, value: str) -> list[int]:
+    """Processes started with `variable=value` in their environment, all but this one."""
+    wanted = f"{variable}={value}".encode()
+    found = []
+    for entry in os.scandir(_PROC):
+        if entry.name.isdigit() and int(entry.name) != os.getpid():
+            try:
+                environ = (_PROC / entry.name / "environ").read_bytes()
+            except OSError:  # gone, or not ours to read
+                continue
+            stat = _stat(int(entry.name))
+            if wanted in environ.split(b"\0") and stat is not None and stat.state not in "ZX":
+                found.append(int(entry.name))
+    return found
+
+
+def session_of(pid: int) -> int | None:
+    """The session `pid` belongs to, or None when it is gone."""
+    stat = _stat(pid)
+    return None if stat is None else stat.session
 
 
 def signal_session(session: int, sig: signal.Signals) -> list[int]:

@@ -9,8 +9,11 @@ No orphans, no doubles: the pid and start identity of each child are written
 to `services/state.json` (atomically) as soon as it runs. An agent started
 after a `kill -9` ends the leftovers recorded there, those whose identity
 still matches, before it starts anything; a pid now worn by a stranger is
-never signalled. Identities and every timing come from monotonic clocks, so a
-wall-clock step changes nothing.
+never signalled. What the file cannot know of (an agent killed between a
+spawn and its record, a child that left its session) carries
+`EDGE_SUPERVISOR=<data_dir>/services` in its environment and is ended too.
+Identities and every timing come from monotonic clocks, so a wall-clock step
+changes nothing.
 
 The restart policy, per service:
 
@@ -61,6 +64,8 @@ _PUMP_GRACE = 1.0           # seconds the output reader may outlive its service
 _READ = 64 * 1024
 _LEFTOVER_TIMEOUT = 10.0    # stop_timeout for a leftover of a service no longer configured
 _PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+# In every service's environment, naming the supervisor (by its directory) that started it.
+_MARK = "EDGE_SUPERVISOR"
 
 
 @dataclass(frozen=True)
@@ -139,8 +144,9 @@ class Supervisor:
             for name in level:
                 spec = specs[name]
                 account = _account(spec)
+                env = {**_environment(spec, account, env_extra), _MARK: str(self._dir)}
                 self._services[name] = _Service(
-                    spec=spec, account=account, env=_environment(spec, account, env_extra),
+                    spec=spec, account=account, env=env,
                     file=RotatingFile(self._dir / name, spec.log_max_bytes, spec.log_keep),
                 )
         self._boot = ""
@@ -206,6 +212,7 @@ class Supervisor:
         leftovers = await asyncio.to_thread(self._prepare)
         await asyncio.gather(*(self._end_leftover(name, identity)
                                for name, identity in leftovers.items()))
+        await self._end_unrecorded()
         await self._save()
         async with asyncio.TaskGroup() as group:
             for service in self._services.values():
@@ -266,6 +273,19 @@ class Supervisor:
         log.warning("service %s: ending pid %d and its process group, left running by an"
                     " earlier agent", name, session)
         await self._end_session(session, timeout, NO_LIMITS, None)
+
+    async def _end_unrecorded(self) -> None:
+        """End what our services started that state.json does not know of.
+
+        An agent killed between a spawn and its record, or a child that left its
+        session, is found by the mark in its environment instead.
+        """
+        sessions = await asyncio.to_thread(_marked_sessions, str(self._dir))
+        for session in sessions:
+            log.warning("process group %d was started by an earlier agent's service (its"
+                        " environment says %s) and is not recorded: ending it", session, _MARK)
+        await asyncio.gather(*(self._end_session(session, _LEFTOVER_TIMEOUT, NO_LIMITS, None)
+                               for session in sessions))
 
     # ---- one service ------------------------------------------------------------------
 
@@ -576,6 +596,13 @@ def _leftover_session(identity: procs.Identity, boot: str) -> int | None:
     # The main process is gone. Linux keeps its pid from reuse while any process of
     # its session lives, so members of that session are our service's own.
     return identity.pid if procs.session_members(identity.pid) else None
+
+
+def _marked_sessions(directory: str) -> set[int]:
+    """Sessions holding a process with our mark, but not our own session (blocks)."""
+    own = procs.session_of(os.getpid())
+    sessions = {procs.session_of(pid) for pid in procs.marked(_MARK, directory)}
+    return {session for session in sessions if session is not None and session != own}
 
 
 def _describe_exit(code: int | None) -> str:

@@ -488,6 +488,30 @@ async def test_recorded_pid_reused_by_another_process_is_not_signalled(
         await stranger.wait()
 
 
+async def test_unrecorded_leftover_is_found_by_its_environment_and_ended(
+        tmp_path: Path, marker: str) -> None:
+    # As if the agent died between starting a child and recording it.
+    ours = await asyncio.create_subprocess_exec(
+        *python(SLEEP, marker), start_new_session=True,
+        env={"EDGE_SUPERVISOR": str(tmp_path / "services"), "EDGE_SERVICE": "mine"})
+    others = await asyncio.create_subprocess_exec(
+        *python(SLEEP, marker), start_new_session=True,
+        env={"EDGE_SUPERVISOR": str(tmp_path / "another-agent" / "services")})
+    try:
+        await until(lambda: len(_marked(marker)) == 2, what="both running")
+        mine = spec("mine", SLEEP, marker)
+        async with supervising([mine], tmp_path) as supervisor:
+            await until(lambda: row(supervisor, "mine")["pid"] is not None, what="running")
+            assert await asyncio.wait_for(ours.wait(), 5) == -signal.SIGTERM
+            assert others.returncode is None
+            assert await count(marker) == 2  # the new one, and the other agent's
+    finally:
+        for process in (ours, others):
+            if process.returncode is None:
+                process.kill()
+                await process.wait()
+
+
 async def test_wall_clock_jump_does_not_restart_or_duplicate(
         tmp_path: Path, marker: str, monkeypatch: pytest.MonkeyPatch) -> None:
     port = free_port()

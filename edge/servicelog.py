@@ -74,14 +74,15 @@ class Tail:
         self._lines: deque[str] = deque(maxlen=size)
         self._partial = b""
 
-    def feed(self, data: bytes) -> None:
-        """Add a chunk; a line without its newline yet waits for the next chunk."""
+    def feed(self, data: bytes) -> list[str]:
+        """Add a chunk and return the lines it completed; a partial line waits for more."""
         *complete, self._partial = (self._partial + data).split(b"\n")
         if len(self._partial) > _LINE_MAX * 4:  # a child that never writes a newline
             complete.append(self._partial)
             self._partial = b""
-        for line in complete:
-            self._lines.append(line.decode(errors="replace").rstrip("\r")[:_LINE_MAX])
+        lines = [line.decode(errors="replace").rstrip("\r")[:_LINE_MAX] for line in complete]
+        self._lines.extend(lines)
+        return lines
 
     def lines(self, count: int) -> list[str]:
         """The last `count` lines (and a trailing partial one)."""

@@ -39,7 +39,7 @@ import random
 import signal
 import subprocess
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -62,6 +62,7 @@ _POLL = 0.05                # seconds between looks at a session that is stoppin
 _KILL_WAIT = 5.0            # seconds SIGKILL may take to empty a session
 _PUMP_GRACE = 1.0           # seconds the output reader may outlive its service
 _READ = 64 * 1024
+_FOLLOW_QUEUE = 1000        # lines a slow follower may fall behind before lines are skipped
 _LEFTOVER_TIMEOUT = 10.0    # stop_timeout for a leftover of a service no longer configured
 _PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 # In every service's environment, naming the supervisor (by its directory) that started it.
@@ -97,6 +98,24 @@ class _Outcome:
 
 
 @dataclass(eq=False)
+class _Follower:
+    """One reader of a service's output as it comes (`edge logs -f`)."""
+
+    queue: asyncio.Queue[str] = field(default_factory=lambda: asyncio.Queue(_FOLLOW_QUEUE))
+    skipped: int = 0
+
+    def put(self, line: str) -> None:
+        """Queue a line, or count it as skipped when the reader is too far behind."""
+        if self.skipped and not self.queue.full():
+            self.queue.put_nowait(f"[edge] {self.skipped} lines skipped: the reader fell behind")
+            self.skipped = 0
+        try:
+            self.queue.put_nowait(line)
+        except asyncio.QueueFull:
+            self.skipped += 1
+
+
+@dataclass(eq=False)
 class _Service:
     """What the supervisor knows of one service while it keeps it."""
 
@@ -122,6 +141,7 @@ class _Service:
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)    # starts and stops, one at a time
     log_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     waiters: list[asyncio.Future[None]] = field(default_factory=list)
+    followers: list[_Follower] = field(default_factory=list)
 
 
 class Supervisor:
@@ -190,6 +210,19 @@ class Supervisor:
     def logs(self, name: str, lines: int) -> list[str]:
         """The last `lines` lines of the service's output (up to 200 are kept in memory)."""
         return self._get(name).tail.lines(lines)
+
+    async def follow(self, name: str, lines: int = 10) -> AsyncIterator[str]:
+        """The last `lines` lines, then each new line as it comes, until the caller stops."""
+        service = self._get(name)
+        follower = _Follower()
+        for line in service.tail.lines(lines):
+            follower.put(line)
+        service.followers.append(follower)
+        try:
+            while True:
+                yield await follower.queue.get()
+        finally:
+            service.followers.remove(follower)
 
     def log_path(self, name: str) -> Path:
         """The service's current log file (`output.log`, rotated to `output.log.1` ...)."""
@@ -527,7 +560,9 @@ class Supervisor:
         await self._log(service, f"[edge] {text}\n".encode())
 
     async def _log(self, service: _Service, data: bytes) -> None:
-        service.tail.feed(data)
+        for line in service.tail.feed(data):
+            for follower in service.followers:
+                follower.put(line)
         async with service.log_lock:  # one writer at a time: rotation keeps a count
             try:
                 await asyncio.to_thread(service.file.write, data)

@@ -392,6 +392,26 @@ async def test_log_rotation_caps_size(tmp_path: Path, marker: str) -> None:
         assert len(supervisor.logs("chatty", 1000)) <= 200
 
 
+async def test_follow_yields_the_tail_then_new_lines(tmp_path: Path, marker: str) -> None:
+    code = """
+        import time
+        for i in range(1000):
+            print(f"tick {i}", flush=True)
+            time.sleep(0.05)
+    """
+    ticking = spec("ticking", code, marker)
+    async with supervising([ticking], tmp_path) as supervisor:
+        await until(lambda: "tick 2" in supervisor.logs("ticking", 5), what="three ticks")
+        seen: list[str] = []
+        async with asyncio.timeout(5):
+            async for line in supervisor.follow("ticking", lines=2):
+                seen.append(line)
+                if len(seen) == 6:
+                    break
+    ticks = [int(line.split()[1]) for line in seen]
+    assert ticks == list(range(ticks[0], ticks[0] + 6)), seen  # no gap between tail and new
+
+
 async def test_services_get_a_minimal_environment(
         tmp_path: Path, marker: str, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("AGENT_SECRET", "do-not-leak")

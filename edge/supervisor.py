@@ -145,7 +145,17 @@ class _Service:
 
 
 class Supervisor:
-    """Run `specs` as child processes until closed, with their state under `data_dir`."""
+    """Run `specs` as child processes until closed, with their state under `data_dir`.
+
+    `run()` keeps them until `close()` (call it even after cancelling `run()`:
+    closing is what stops the children). A snapshot row holds: name, state
+    ("starting", "running", "unhealthy", "crash-looping", "stopped", "failed"),
+    reason (why that state, in words, or None), pid, restarts, last_exit (the
+    exit status; negative: the signal), uptime (seconds), health (None without
+    a check, else "starting", "passing", "failing"), waiting_for (dependencies
+    not yet healthy), next_start_in (seconds, while backing off), limits
+    ("cgroup", "rlimit", "none"), limits_applied, limits_missing, log_tail.
+    """
 
     def __init__(
         self,
@@ -250,6 +260,7 @@ class Supervisor:
         async with asyncio.TaskGroup() as group:
             for service in self._services.values():
                 group.create_task(self._keep(service), name=f"service {service.spec.name}")
+        await self._closed.wait()  # with no services at all, too: run() lasts until close()
 
     async def close(self) -> None:
         """Stop every service, dependants before what they depend on (idempotent)."""

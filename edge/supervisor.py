@@ -335,43 +335,68 @@ class Supervisor:
 
     async def _keep(self, service: _Service) -> None:
         """Start, watch and restart one service until the supervisor closes."""
-        spec = service.spec
-        backoff = _backoff(spec)
+        backoff = _backoff(service.spec)
         try:
             while not self._closing:
-                if not await self._wait_for_dependencies(service):
-                    break
-                outcome = await self._run_once(service)
-                if self._closing or outcome.kind == "closed":
-                    break
-                if outcome.kind == "restart":
-                    backoff.reset()
-                    service.failures = 0
-                    service.restarts += 1
-                    continue
-                failed = outcome.kind != "exited" or outcome.code != 0
-                if outcome.ran >= spec.backoff_max:  # a stable run: start the schedule again
-                    backoff.reset()
-                    service.failures = 0
-                service.failures += failed
-                if not (spec.restart == "always" or (spec.restart == "on-failure" and failed)):
-                    self._set_state(service, "failed" if failed else "stopped", outcome.reason)
-                    await self._either(service.wake, None)
-                    backoff.reset()
-                    service.failures = 0
-                else:
-                    delay = backoff.next()
-                    looping = service.failures >= _CRASH_LOOP
-                    service.next_start_at = self._clock() + delay
-                    self._set_state(service, "crash-looping" if looping else "starting",
-                                    f"{outcome.reason}; starting again in {delay:.3g}s")
-                    await self._note(service, f"starting again in {delay:.3g}s")
-                    await self._either(service.wake, delay)
-                    service.next_start_at = None
-                if not self._closing:
-                    service.restarts += 1
+                try:
+                    if not await self._cycle(service, backoff):
+                        break
+                except Exception as exc:
+                    # A bug or a surprise from the OS must not end the other services,
+                    # nor this one for good: say so, and try again at the slowest pace.
+                    log.exception("service %s: supervising it failed", service.spec.name)
+                    await self._recover(service, exc)
         finally:
             _resolve(service)
+
+    async def _cycle(self, service: _Service, backoff: Backoff) -> bool:
+        """Run the service once and wait until it is due again; False once closing."""
+        spec = service.spec
+        if not await self._wait_for_dependencies(service):
+            return False
+        outcome = await self._run_once(service)
+        if self._closing or outcome.kind == "closed":
+            return False
+        if outcome.kind == "restart":
+            backoff.reset()
+            service.failures = 0
+            service.restarts += 1
+            return True
+        failed = outcome.kind != "exited" or outcome.code != 0
+        if outcome.ran >= spec.backoff_max:  # a stable run: start the schedule again
+            backoff.reset()
+            service.failures = 0
+        service.failures += failed
+        if not (spec.restart == "always" or (spec.restart == "on-failure" and failed)):
+            self._set_state(service, "failed" if failed else "stopped", outcome.reason)
+            await self._either(service.wake, None)
+            backoff.reset()
+            service.failures = 0
+        else:
+            delay = backoff.next()
+            looping = service.failures >= _CRASH_LOOP
+            service.next_start_at = self._clock() + delay
+            self._set_state(service, "crash-looping" if looping else "starting",
+                            f"{outcome.reason}; starting again in {delay:.3g}s")
+            await self._note(service, f"starting again in {delay:.3g}s")
+            await self._either(service.wake, delay)
+            service.next_start_at = None
+        if not self._closing:
+            service.restarts += 1
+        return True
+
+    async def _recover(self, service: _Service, exc: Exception) -> None:
+        """After a failure of our own: end what may still run, wait `backoff_max`."""
+        with contextlib.suppress(Exception):
+            async with service.lock:
+                await self._stop(service)  # never two of it, even after a bug
+        service.process = None
+        service.started_at = None
+        self._set_state(service, "failed", f"supervisor error: {exc!r}; trying again in"
+                        f" {service.spec.backoff_max:g}s")
+        await self._either(service.wake, service.spec.backoff_max)
+        if not self._closing:
+            service.restarts += 1
 
     async def _wait_for_dependencies(self, service: _Service) -> bool:
         """Wait until every dependency is healthy; False when the supervisor closes first."""
@@ -482,6 +507,12 @@ class Supervisor:
                 task.cancel()
             await asyncio.gather(*watchers, return_exceptions=True)
         kinds = {watchers[task] for task in done}
+        for task in done:
+            if watchers[task] == "unhealthy" and task.exception() is not None:
+                error = task.exception()
+                log.error("service %s: the health check failed unexpectedly",
+                          service.spec.name, exc_info=error)
+                return "unhealthy", f"unhealthy: the health check failed: {error!r}"
         for kind in ("exited", "unhealthy", "restart"):
             if kind in kinds:
                 return kind, {"unhealthy": f"unhealthy: {service.reason}",

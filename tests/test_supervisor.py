@@ -25,7 +25,7 @@ from typing import Any
 import psutil
 import pytest
 
-from edge import procs
+from edge import health, procs
 from edge.services import HealthSpec, ServiceError, ServiceSpec
 from edge.supervisor import Supervisor
 from tests.support.net import free_port
@@ -366,6 +366,39 @@ async def test_close_stops_dependants_before_their_dependency(
         await until(lambda: all("ready" in r["log_tail"] for r in supervisor.snapshot()),
                     what="both ready")
     assert stops.read_text().split() == ["top", "base"]
+
+
+async def test_a_supervisor_error_leaves_no_double_and_the_service_runs_again(
+        tmp_path: Path, marker: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    real, calls = procs.identify, []
+
+    def identify_failing_once(pid: int, boot: str) -> procs.Identity | None:
+        calls.append(pid)
+        if len(calls) == 1:
+            raise RuntimeError("a surprise")
+        return real(pid, boot)
+
+    monkeypatch.setattr(procs, "identify", identify_failing_once)
+    specs = [spec("one", SLEEP, marker), spec("two", SLEEP, marker)]
+    async with supervising(specs, tmp_path) as supervisor:
+        await until(lambda: len(calls) >= 3 and all(
+            r["state"] == "running" for r in supervisor.snapshot()), what="both running")
+        assert sum(r["restarts"] for r in supervisor.snapshot()) == 1
+        assert await count(marker) == 2
+
+
+async def test_a_health_check_that_raises_counts_as_unhealthy(
+        tmp_path: Path, marker: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    async def broken(*args: object) -> str | None:
+        raise RuntimeError("bug in a check")
+
+    monkeypatch.setattr(health, "check", broken)
+    check = HealthSpec(kind="tcp", host="127.0.0.1", port=1, interval=0.05, retries=1)
+    checked = spec("checked", SLEEP, marker, health=check)
+    async with supervising([checked], tmp_path) as supervisor:
+        await until(lambda: row(supervisor, "checked")["restarts"] >= 1, what="a restart")
+        assert any("bug in a check" in line for line in supervisor.logs("checked", 50))
+        assert await count(marker) <= 1
 
 
 # ---- output ---------------------------------------------------------------------------------

@@ -482,6 +482,9 @@ class Supervisor:
             log.warning("service %s: %s", spec.name, reason)
             service.last_exit = None
             return None, None, reason
+        except BaseException:  # cancelled: no child, and no pipe left open
+            os.close(output)
+            raise
         service.process = process
         service.limits = chosen
         service.started_at = self._clock()

@@ -152,6 +152,7 @@ class Agent:
 
     async def _queue_view(self) -> dict[str, Any]:
         stats = await self.outbox.stats()
+        failing = self.outbox.storage_error
         return {
             "depth": stats.depth,
             "bytes": stats.bytes,
@@ -163,6 +164,8 @@ class Agent:
             "sent": self.outbox.sent_total,
             "rate_in": self.rates.rate_in,
             "rate_out": self.rates.rate_out,
+            "storage_error": None if failing is None else failing[0],
+            "storage_error_since": None if failing is None else failing[1],
         }
 
     async def _status(self, req: dict[str, Any]) -> dict[str, Any]:

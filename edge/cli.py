@@ -277,6 +277,10 @@ def _status_table(s: dict[str, Any]) -> str:
     rows = [("node", s["node"]), ("uplink", uplink)]
     if up.get("last_error") and up["state"] != "online":
         rows.append(("last error", up["last_error"]))
+    if q.get("storage_error"):
+        since = q.get("storage_error_since")
+        failing = f" for {_age(time.time() - since)}" if since else ""
+        rows.append(("storage", f"FAILING{failing}: {q['storage_error']}"))
     rows += [
         ("queue", f"{_count(q['depth'], 'message')}, {_size(q['bytes'])},"
                   f" oldest {_age(q['oldest_age'])}"),

@@ -292,6 +292,8 @@ _SECTIONS: dict[str, dict[str, Parser]] = {
         "commit_interval": _checked(parse_duration, "a duration from 0s to 1s",
                                     lambda seconds: seconds <= 1),
         "max_message_bytes": _checked(parse_size, 'a size above 0 like "1MiB"', _positive),
+        "retry_initial": _checked(parse_duration, "a duration above 0s", _positive),
+        "retry_max": _checked(parse_duration, "a duration above 0s", _positive),
     },
     "local": {
         "url": _mqtt_url,
@@ -373,19 +375,21 @@ def _parse_document(document: dict[str, Any], source: str) -> Values:
 
 def _check_together(values: Values, document: dict[str, Any], source: str) -> None:
     """Refuse keys that are valid alone but not together."""
-    uplink = values.get("uplink", {})
-    initial = uplink.get("backoff_initial", UplinkSettings.backoff_initial)
-    ceiling = uplink.get("backoff_max", UplinkSettings.backoff_max)
-    if initial > ceiling:
-        given = document.get("uplink", {})
-        got = (_show(given["backoff_initial"]) if "backoff_initial" in given
-               else f"{initial:g}s (the default)")
-        ceiling_text = (_show(given["backoff_max"]) if "backoff_max" in given
-                        else f"{ceiling:g}s, the default")
-        raise ConfigError(
-            f"config {source}: [uplink] backoff_initial: expected a duration no longer than"
-            f" backoff_max ({ceiling_text}), got {got}"
-        )
+    for section, first, cap, defaults in (
+        ("uplink", "backoff_initial", "backoff_max", UplinkSettings()),
+        ("queue", "retry_initial", "retry_max", QueueSettings()),
+    ):
+        chosen = values.get(section, {})
+        initial = chosen.get(first, getattr(defaults, first))
+        ceiling = chosen.get(cap, getattr(defaults, cap))
+        if initial > ceiling:
+            given = document.get(section, {})
+            got = (_show(given[first]) if first in given else f"{initial:g}s (the default)")
+            ceiling_text = (_show(given[cap]) if cap in given else f"{ceiling:g}s, the default")
+            raise ConfigError(
+                f"config {source}: [{section}] {first}: expected a duration no longer than"
+                f" {cap} ({ceiling_text}), got {got}"
+            )
 
 
 def _check_services(table: Any, where: str) -> None:

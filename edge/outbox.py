@@ -11,6 +11,13 @@ in one transaction, in one trip to its thread: a burst costs a few fsyncs,
 not one per message. Reads go through a second connection (aiosqlite) that
 only ever sees committed rows.
 
+When a commit fails (a full disk), the acknowledgements it carried are not
+given back to be sent again: they stay in memory, still leased, and go into
+the next attempt, which comes after a capped backoff. Meanwhile new messages
+are refused at once. A broker's PUBACK is therefore never paid for with a
+resend; a crash before the retry lands costs at most the in-flight window, as
+any crash does.
+
 Acknowledged rows mostly leave by a mark, not a delete: rows are sent in key
 order and acknowledged in order, so "every row up to key K is acknowledged"
 is one small meta write per commit. The rows below the mark are deleted in
@@ -34,6 +41,7 @@ from typing import Any, TypeVar
 
 import aiosqlite
 
+from edge.backoff import Backoff
 from edge.envelope import Envelope, new_message_id
 from edge.errors import EnvelopeError, MessageTooLarge, QueueFull, StorageError
 from edge.settings import QueueSettings
@@ -120,7 +128,8 @@ class _Pending:
     acks: list[OutRow] = field(default_factory=list)
     dead: list[tuple[OutRow, str]] = field(default_factory=list)
     expired: list[OutRow] = field(default_factory=list)
-    waiters: list[asyncio.Future[None]] = field(default_factory=list)
+    waiters: list[asyncio.Future[None]] = field(default_factory=list)  # fail with the commit
+    held: list[asyncio.Future[None]] = field(default_factory=list)  # wait until recorded
 
     def __bool__(self) -> bool:
         return bool(self.inserts or self.acks or self.dead or self.expired)
@@ -184,6 +193,12 @@ class Outbox:
         self.accepted_total = 0  # committed since this process started
         self.sent_total = 0  # acknowledged and deleted since this process started
         self.moved_aside: Path | None = None
+        self._carry = _Pending()  # acks, dead letters, expiries a failed commit left to redo
+        self._failure: StorageError | None = None  # set while commits fail
+        self._failing_since: float | None = None  # wall clock
+        self._failed_commits = 0
+        self._retry = Backoff(settings.retry_initial, settings.retry_max)
+        self._retry_at = 0.0  # monotonic: the next attempt while failing
 
     # ---- lifecycle -------------------------------------------------------
 
@@ -282,8 +297,11 @@ class Outbox:
 
     async def close(self) -> None:
         """Commit what is pending and close the database. Safe to call twice."""
-        if self._writer is not None and self._pending:
+        if self._writer is not None and (self._pending or self._carry):
             await self._commit_and_settle(self._take())
+        # Acknowledgements still unrecorded: after a restart those rows go out again.
+        _settle(self._carry.held, self._failure or StorageError(f"outbox {self.path} closed"))
+        self._carry = _Pending()
         await self._close_db()
         if self._thread is not None:
             self._thread.shutdown(wait=True)
@@ -300,64 +318,126 @@ class Outbox:
         """The single writer: commit whatever has gathered, again and again."""
         sweep_at = time.monotonic() + _SWEEP_EVERY
         while True:
+            wait = _SWEEP_EVERY
+            if self._failure is not None:
+                wait = max(0.0, min(wait, self._retry_at - time.monotonic()))
             try:
-                async with asyncio.timeout(_SWEEP_EVERY):
+                async with asyncio.timeout(wait):
                     await self._wake.wait()
             except TimeoutError:
                 pass
             self._wake.clear()
+            if self._failure is not None and time.monotonic() < self._retry_at:
+                continue  # storage is failing: writes gather until the retry is due
             if self.settings.commit_interval > 0 and self._pending:
                 await asyncio.sleep(self.settings.commit_interval)
             if time.monotonic() >= sweep_at:
                 sweep_at = time.monotonic() + _SWEEP_EVERY
                 await self._sweep_expired()
             batch = self._take()
-            if batch:
+            if batch or self._failure is not None:
                 await self._commit_and_settle(batch)
             else:
                 _settle(batch.waiters, None)  # nothing to write: nothing to wait for
+                _settle(batch.held, None)
 
     async def _commit_and_settle(self, batch: _Pending) -> None:
         """Commit and answer the waiters; a stop waits for a commit already under way."""
-        commit = asyncio.ensure_future(self._commit(batch))
+        commit = asyncio.ensure_future(self._commit(batch, probe=self._failure is not None))
         try:
             await asyncio.shield(commit)
         except asyncio.CancelledError:
             await asyncio.wait([commit])
+            self._settle_batch(batch, commit)
             raise
-        except StorageError as exc:
-            # The waiters hear of it below; the writer lives on for the next batch.
-            log.error("%s", exc)
-        finally:
-            if commit.done() and not commit.cancelled() and commit.exception() is not None:
-                _settle(batch.waiters, commit.exception())
-            elif commit.done():
-                _settle(batch.waiters, None)
+        except StorageError:
+            pass  # the waiters hear of it; the writer lives on and retries
+        self._settle_batch(batch, commit)
+
+    def _settle_batch(self, batch: _Pending, commit: asyncio.Future[None]) -> None:
+        exc = commit.exception() if not commit.cancelled() else None
+        if exc is None and not commit.cancelled():
+            _settle(batch.waiters, None)
+            _settle(batch.held, None)
+            self._note_success(bool(batch.inserts))
+            return
+        error = exc if isinstance(exc, StorageError) else StorageError(
+            f"outbox {self.path}: commit failed: {exc!r}"
+        )
+        _settle(batch.waiters, error)
+        # What the broker acknowledged stays acknowledged: keep it (leased, so it is
+        # not sent again) for the next attempt instead of giving the rows back.
+        self._carry.acks.extend(batch.acks)
+        self._carry.dead.extend(batch.dead)
+        self._carry.expired.extend(batch.expired)
+        self._carry.held.extend(batch.held)
+        self._note_failure(error)
+
+    def _note_failure(self, error: StorageError) -> None:
+        self._failed_commits += 1
+        delay = self._retry.next()
+        self._retry_at = time.monotonic() + delay
+        if self._failure is None:
+            self._failing_since = self._clock()
+            log.error(
+                "%s; storage is failing: new messages are refused (%s) and acknowledgements"
+                " are kept in memory until a commit works again (retrying, at most every"
+                " %.0fs)", error, error.code, self.settings.retry_max,
+            )
+        self._failure = error
+
+    def _note_success(self, wrote_inserts: bool) -> None:
+        if self._failure is not None:
+            since = self._failing_since or self._clock()
+            log.warning(
+                "outbox %s: storage works again after %.0fs (%d failed commits);"
+                " accepting messages", self.path, self._clock() - since, self._failed_commits,
+            )
+            self._failure = None
+            self._failing_since = None
+            self._failed_commits = 0
+        if wrote_inserts:
+            self._retry.reset()  # a probe alone does not prove new rows fit again
+
+    @property
+    def storage_error(self) -> tuple[str, float] | None:
+        """(message, since) while commits fail, else None."""
+        if self._failure is None:
+            return None
+        return str(self._failure), self._failing_since or self._clock()
 
     def _take(self) -> _Pending:
         batch, self._pending = self._pending, _Pending()
+        if self._carry:
+            carry, self._carry = self._carry, _Pending()
+            batch.acks[:0] = carry.acks
+            batch.dead[:0] = carry.dead
+            batch.expired[:0] = carry.expired
+            batch.held[:0] = carry.held
         return batch
 
-    def _queue_write(self) -> asyncio.Future[None]:
+    def _queue_write(self, *, held: bool = False) -> asyncio.Future[None]:
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._pending.waiters.append(fut)
+        (self._pending.held if held else self._pending.waiters).append(fut)
         self._wake.set()
         return fut
 
-    async def _commit(self, batch: _Pending) -> None:
-        if self._next_seq > self._reserved:
-            self._reserved = self._next_seq + _SEQ_RESERVE
-            try:
-                await self._in_writer(self._write_hwm, self._reserved)
-            except OSError as exc:
-                raise _storage_error(self.path, exc) from exc
-        plan = self._plan(batch)
+    async def _commit(self, batch: _Pending, *, probe: bool = False) -> None:
         try:
-            done = await self._in_writer(self._write_batch, batch, plan, self._clock())
-        except sqlite3.Error as exc:
-            # Rows it should have deleted stay queued: give them back so they go out again.
-            self.release((*batch.acks, *(r for r, _ in batch.dead), *batch.expired))
-            raise _storage_error(self.path, exc) from exc
+            if self._next_seq > self._reserved:
+                reserve = self._next_seq + _SEQ_RESERVE
+                try:
+                    await self._in_writer(self._write_hwm, reserve)
+                except OSError as exc:
+                    raise _storage_error(self.path, exc) from exc
+                self._reserved = reserve
+            plan = self._plan(batch)
+            try:
+                done = await self._in_writer(
+                    self._write_batch, batch, plan, self._clock(), probe
+                )
+            except sqlite3.Error as exc:
+                raise _storage_error(self.path, exc) from exc
         finally:
             self._unsettled_bytes -= batch.insert_bytes
         # The transaction is durable: bring the in-memory view up to date.
@@ -422,8 +502,10 @@ class Outbox:
             purge_to = mark
         return _Plan(mark, covered, delete, purge_to)
 
-    def _write_batch(self, batch: _Pending, plan: _Plan, now: float) -> _Committed:
-        """One transaction, run in the writer thread."""
+    def _write_batch(
+        self, batch: _Pending, plan: _Plan, now: float, probe: bool = False
+    ) -> _Committed:
+        """One transaction, run in the writer thread; `probe` writes even when idle."""
         db = self._writer
         assert db is not None
         try:
@@ -463,7 +545,7 @@ class Outbox:
             expired = sum(r.key in deleted for r in batch.expired)
             dead = sum(r.key in deleted for r, _ in batch.dead)
             meta = {
-                "next_seq": (self._next_seq, bool(batch.inserts)),
+                "next_seq": (self._next_seq, bool(batch.inserts) or probe),
                 "dropped": (self._dropped + len(evicted) + len(skipped), bool(evicted or skipped)),
                 "expired": (self._expired + expired, bool(expired)),
                 "dead": (self._dead + dead, bool(dead)),
@@ -607,6 +689,11 @@ class Outbox:
         )
         body = env.encode()
         size = len(body)
+        if self._failure is not None:
+            # Refused at once: a commit now would fail as the last ones did.
+            raise StorageError(
+                f"{self._failure}; the message was not accepted", self._failure.code
+            )
         limit = min(self.settings.max_message_bytes, self.settings.max_bytes)
         if size > limit:
             raise MessageTooLarge(f"message of {size} bytes exceeds the limit of {limit} bytes")
@@ -689,13 +776,13 @@ class Outbox:
     def ack(self, rows: list[OutRow]) -> asyncio.Future[None]:
         """Delete rows the broker acknowledged; the future resolves once committed."""
         self._pending.acks.extend(rows)
-        return self._queue_write()
+        return self._queue_write(held=True)
 
     def dead_letter(self, row: OutRow, reason: str) -> asyncio.Future[None]:
         """Move a row the broker refuses to the dead-letter table, with the reason."""
         log.error("message seq %d (%s) dead-lettered: %s", row.seq, row.topic, reason)
         self._pending.dead.append((row, reason))
-        return self._queue_write()
+        return self._queue_write(held=True)
 
     # ---- reading -----------------------------------------------------------
 

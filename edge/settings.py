@@ -47,6 +47,8 @@ class QueueSettings:
     durability: str = "normal"         # SQLite synchronous: "off", "normal", "full"
     commit_interval: float = 0.0       # seconds a commit waits to gather more (0: natural batching)
     max_message_bytes: int = 1024 * 1024
+    retry_initial: float = 0.5         # seconds before a failed commit is tried again
+    retry_max: float = 30.0            # ... doubling up to this
 
 
 @dataclass(frozen=True)

@@ -57,6 +57,8 @@ default_ttl = "7d"
 durability = "full"
 commit_interval = "20ms"
 max_message_bytes = "64KiB"
+retry_initial = "1s"
+retry_max = "20s"
 
 [local]
 url = "mqtt://localhost"
@@ -101,6 +103,8 @@ FULL_SETTINGS = Settings(
         durability="full",
         commit_interval=0.02,
         max_message_bytes=64 * 1024,
+        retry_initial=1.0,
+        retry_max=20.0,
     ),
     local=LocalSettings(url="mqtt://localhost", forward=("sensors/#", "+/alarm")),
     api=ApiSettings(socket=Path("/tmp/edge-test/agent.sock"), max_line_bytes=8192),

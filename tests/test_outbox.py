@@ -226,27 +226,67 @@ def test_table_order_needs_no_index_for_sending(tmp_path: Path) -> None:
     assert not any("TEMP B-TREE" in str(row) for row in plan)
 
 
+def _set_trigger(path: Path, sql: str) -> None:
+    db = sqlite3.connect(path)
+    db.executescript(sql)
+    db.commit()
+    db.close()
+
+
+async def _wait_storage(box: Outbox, failing: bool) -> None:
+    """Poll until the outbox says its storage fails (or works), for 5 s at most."""
+    for _ in range(500):
+        if (box.storage_error is not None) == failing:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"storage_error still {box.storage_error!r}")
+
+
 async def test_a_failed_commit_answers_its_waiters_and_the_writer_goes_on(tmp_path: Path) -> None:
     path = tmp_path / "o.db"
-    async with opened(path) as box:
+    async with opened(path, retry_initial=0.05, retry_max=0.1) as box:
         await box.put("t", "before", "text/plain")
         # Make the next transaction fail: a trigger that aborts inserts.
-        db = sqlite3.connect(path)
-        db.execute(
-            "CREATE TRIGGER no_more BEFORE INSERT ON outbox"
-            " BEGIN SELECT RAISE(ABORT, 'disk on fire'); END"
-        )
-        db.commit()
-        db.close()
+        _set_trigger(path, "CREATE TRIGGER no_more BEFORE INSERT ON outbox"
+                           " BEGIN SELECT RAISE(ABORT, 'disk on fire'); END;")
         with pytest.raises(StorageError, match="disk on fire"):
             await box.put("t", "refused", "text/plain")
-        db = sqlite3.connect(path)
-        db.execute("DROP TRIGGER no_more")
-        db.commit()
-        db.close()
+        failing = box.storage_error
+        assert failing is not None and "disk on fire" in failing[0]
+        with pytest.raises(StorageError, match="not accepted"):  # at once, no commit
+            box.submit("t", "refused too", "text/plain")
+        _set_trigger(path, "DROP TRIGGER no_more;")
+        await _wait_storage(box, failing=False)
         await box.put("t", "after", "text/plain")
         sent = await drain(box)
     assert [e.data for e in sent] == ["before", "after"]
+
+
+async def test_an_ack_whose_commit_fails_is_kept_and_retried_not_resent(tmp_path: Path) -> None:
+    path = tmp_path / "o.db"
+    async with opened(path, retry_initial=0.05, retry_max=0.1) as box:
+        for i in range(5):
+            await box.put("t", f"m{i}", "text/plain")
+        rows = await box.fetch(10)
+        assert len(rows) == 5
+        # Recording the acknowledgement (the mark in meta) fails, as on a full disk.
+        _set_trigger(path, "CREATE TRIGGER no_meta BEFORE UPDATE ON meta"
+                           " BEGIN SELECT RAISE(ABORT, 'disk on fire'); END;"
+                           "CREATE TRIGGER no_meta_insert BEFORE INSERT ON meta"
+                           " BEGIN SELECT RAISE(ABORT, 'disk on fire'); END;")
+        acked = box.ack(rows)
+        await _wait_storage(box, failing=True)
+        await asyncio.sleep(0.3)  # several retries fail meanwhile
+        assert not acked.done(), "the ack's future settled before the ack was recorded"
+        assert await box.fetch(10) == [], "acknowledged rows were handed out again"
+        _set_trigger(path, "DROP TRIGGER no_meta; DROP TRIGGER no_meta_insert;")
+        async with asyncio.timeout(5):
+            await acked
+        assert box.storage_error is None
+        assert (await box.stats()).depth == 0
+        assert await box.fetch(10) == []
+    async with opened(path) as box:
+        assert (await box.stats()).depth == 0
 
 
 async def test_dead_letters_are_capped_newest_kept_and_all_counted(tmp_path: Path) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -37,6 +38,10 @@ _REFUSES_MESSAGE = {
     0x99: "payload format invalid",
 }
 _STRIKE_WINDOW = 5.0  # seconds: a drop later than this after sending is not the message's fault
+# Another client with our client id: the broker closes each connection soon after CONNACK.
+_CLONE_EARLY = 30.0  # seconds after CONNACK: a close by the broker sooner than this is "early"
+_CLONE_WINDOW = 120.0  # seconds over which early closes are counted
+_CLONE_CLOSES = 3  # early closes within the window that make the diagnosis
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,6 +86,8 @@ class Uplink:
         self._strikes: dict[int, int] = {}  # row key -> connections that died on it
         self._stopping = False
         self._ack_batch: list[OutRow] = []
+        self._early_closes: deque[float] = deque()  # monotonic times of early closes
+        self._clone: str | None = None  # the diagnosis while the pattern lasts
 
     # ---- state for status ---------------------------------------------------
 
@@ -116,7 +123,10 @@ class Uplink:
             try:
                 await self._session(host, port)
             except UplinkError as exc:
-                self._note_error(str(exc))
+                if self._clone is not None and str(exc) == self._clone:
+                    self._last_error = self._clone  # said once already
+                else:
+                    self._note_error(str(exc))
             except Exception as exc:
                 # A bug or a surprise from paho must not take the agent down: the
                 # outbox keeps accepting, and the next attempt starts afresh.
@@ -149,7 +159,9 @@ class Uplink:
         self._connects += 1
         self._busy = 0  # the old connection's slots died with it
         self._set_state("online")
-        self._last_error = None
+        online_at = time.monotonic()
+        if self._clone is None:
+            self._last_error = None
         log.info("uplink online: %s (session present: %s)", self.settings.url,
                  connack.session_present)
         status = conn.publish(f"{self.base}/status", self._status_payload("online"), retain=True)
@@ -167,8 +179,48 @@ class Uplink:
             closed = await conn.closed
             for task in (pump, beat, dog):
                 task.cancel()
+        # A close right after sending is first the message's to answer for (MQTT 3.1.1).
+        just_sent = any(time.monotonic() - t < _STRIKE_WINDOW for t in self._sent_at.values())
+        if self._closed_early(closed, online_at, count=not just_sent):
+            self._strikes.clear()  # the other client's doing, not the message's
+            assert self._clone is not None
+            raise UplinkError(self._clone)
         self._judge_oldest_held(closed)
         raise UplinkError(closed.reason)
+
+    def _closed_early(self, closed: Closed, online_at: float, *, count: bool = True) -> bool:
+        """Tell whether connections keep being closed by the broker right after CONNACK.
+
+        mosquitto 2.0 closes the older of two connections with one client id without
+        a DISCONNECT saying so: all we see is the link closing again and again.
+        """
+        now = time.monotonic()
+        lasted = now - online_at
+        ours = not closed.by_peer or closed.code not in (None, 0x8E)
+        if ours or lasted > _CLONE_EARLY:
+            if lasted > _CLONE_WINDOW and self._clone is not None:
+                log.info("uplink %s: the connection held for %.0fs; the client id clash"
+                         " seems to be over", self.settings.url, lasted)
+                self._clone = None
+            if lasted > _CLONE_WINDOW:
+                self._early_closes.clear()
+            return False
+        if count:
+            self._early_closes.append(now)
+        while self._early_closes and now - self._early_closes[0] > _CLONE_WINDOW:
+            self._early_closes.popleft()
+        if len(self._early_closes) < _CLONE_CLOSES and self._clone is None:
+            return False
+        if self._clone is None:
+            self._clone = (
+                f"the broker closed the connection {len(self._early_closes)} times within"
+                f" {_CLONE_WINDOW:.0f}s, each soon after accepting it ({closed.reason}):"
+                f" another client is probably using the same client id {self.node!r}, which"
+                " is this agent's node id (cloned images share /etc/machine-id); give each"
+                " device its own [node] id"
+            )
+            log.warning("uplink %s: %s", self.settings.url, self._clone)
+        return True
 
     async def _heartbeat(self, conn: MqttConnection) -> None:
         while True:

@@ -149,3 +149,31 @@ def test_a_flaky_link_never_dead_letters_a_good_message(
         assert agent.wait_drained(timeout=10)["queue"]["dead"] == 0
     finally:
         proxy.close()
+
+
+@pytest.mark.parametrize("protocol", ["5", "3.1.1"])
+def test_two_agents_with_one_node_id_are_told_apart_in_the_log_and_status_once(
+    broker: Broker, agent_factory: AgentFactory, protocol: str
+) -> None:
+    broker.start()
+    overrides = {"uplink": {"protocol": protocol}}
+    twins = [
+        agent_factory(broker, node_id="cloned", name=name, overrides=overrides)
+        for name in ("twin-a", "twin-b")
+    ]
+    for twin in twins:
+        accepted_seqs(twin.publish_many(publish_items(20)))
+    needle = "another client is probably using the same client id 'cloned'"
+
+    def diagnosed() -> bool:
+        return all(needle in t.log_path.read_text() for t in twins)
+
+    wait_until(diagnosed, 30, what="both twins log the client id clash")
+    time.sleep(3.0)  # the clash goes on: the log must not repeat it
+    for twin in twins:
+        log = twin.log_path.read_text()
+        assert log.count(needle) == 1, f"{twin.workdir.name} logged it {log.count(needle)} times"
+        status = twin.status()
+        assert needle in (status["uplink"]["last_error"] or ""), status["uplink"]
+        assert "[node] id" in status["uplink"]["last_error"]
+        assert status["queue"]["dead"] == 0, "a message was dead-lettered for the clash"

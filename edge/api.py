@@ -199,10 +199,10 @@ class ApiServer:
                     continue
                 except asyncio.IncompleteReadError as exc:
                     if exc.partial.strip():
-                        await answers.put(self._dispatch(exc.partial))
+                        await answers.put(self._dispatch_safely(exc.partial))
                     return
                 if line.strip():
-                    await answers.put(self._dispatch(line))
+                    await answers.put(self._dispatch_safely(line))
         finally:
             await answers.put(None)
 
@@ -212,12 +212,33 @@ class ApiServer:
         writer: asyncio.StreamWriter,
     ) -> None:
         while (pending := await answers.get()) is not None:
-            answer = await pending
+            try:
+                answer = await pending
+                line = json.dumps(answer, separators=(",", ":")).encode() + b"\n"
+            except Exception as exc:
+                # One request's failure must not cost the answers queued behind it.
+                line = json.dumps(self._internal(exc)).encode() + b"\n"
             if writer.is_closing():
                 continue  # the client hung up; its messages are stored all the same
-            writer.write(json.dumps(answer, separators=(",", ":")).encode() + b"\n")
+            writer.write(line)
             if answers.empty():
                 await writer.drain()
+
+    def _internal(self, exc: BaseException) -> dict[str, Any]:
+        """Answer, count and log (once a minute, with the traceback) an unexpected failure."""
+        code = "internal_error"
+        self.rejected[code] = self.rejected.get(code, 0) + 1
+        now = time.monotonic()
+        if now - self._logged_at.get(code, -1e9) > 60:
+            self._logged_at[code] = now
+            log.error("socket API request failed unexpectedly: %r", exc, exc_info=exc)
+        return _error(code, f"the agent failed to serve this request: {exc!r}")
+
+    def _dispatch_safely(self, line: bytes) -> Awaitable[dict[str, Any]]:
+        try:
+            return self._dispatch(line)
+        except Exception as exc:
+            return _done(self._internal(exc))
 
     def _dispatch(self, line: bytes) -> Awaitable[dict[str, Any]]:
         """Parse a line and start serving it; the answer is awaited in order."""
@@ -227,6 +248,8 @@ class ApiServer:
             return _done(self._reject("bad_json", f"request is not UTF-8 text: {exc}"))
         except ValueError as exc:
             return _done(self._reject("bad_json", f"request is not JSON: {exc}"))
+        except RecursionError:
+            return _done(self._reject("bad_json", "request is nested too deeply to parse"))
         if not isinstance(req, dict):
             return _done(self._reject("bad_request", "request must be a JSON object"))
         op = req.get("op")

@@ -136,3 +136,61 @@ def test_agent_refuses_a_socket_directory_others_can_write(tmp_path: Path) -> No
     assert f"socket directory {shared}" in proc.stderr
     assert "writable by others" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_deeply_nested_json_is_bad_json_and_earlier_pipelined_answers_are_all_written(
+    agent_factory: AgentFactory,
+) -> None:
+    agent = agent_factory(None)
+    lines = [json.dumps(r).encode() + b"\n" for r in publish_items(100)]
+    lines.append(b"[" * 100_000 + b"]" * 100_000 + b"\n")
+    lines.append(json.dumps({"op": "status"}).encode() + b"\n")
+    with agent.connect(timeout=15) as api:
+        answers = api.pipeline(lines)
+        again = api.request({"op": "status"})  # the connection is still served
+    assert [a.get("ok") for a in answers[:100]] == [True] * 100, answers[:3]
+    assert_error(answers[100], "bad_json")
+    assert answers[101]["ok"] is True and again["ok"] is True
+    assert again["api"]["rejected"].get("bad_json") == 1
+    assert again["queue"]["depth"] == 100
+    log = agent.log_path.read_text()
+    assert "Traceback" not in log and "RecursionError" not in log
+
+
+async def test_a_request_that_fails_unexpectedly_is_answered_internal_error_and_the_rest_served(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def status(req: dict[str, Any]) -> dict[str, Any]:
+        return {"ok": True}
+
+    async def broken(req: dict[str, Any]) -> dict[str, Any]:
+        raise RuntimeError("a bug")
+
+    def submit(topic: str, *args: Any) -> Any:
+        if topic == "boom":
+            raise KeyError("another bug")
+        fut = asyncio.get_running_loop().create_future()
+        fut.set_result(None)
+        return 7, "00" * 16, fut
+
+    server = ApiServer(
+        tmp_path / "s.sock", max_line=4096, submit=submit,
+        handlers={"status": status, "broken": broken},
+    )
+    await server.start()
+    try:
+        reader, writer = await asyncio.open_unix_connection(str(server.path))
+        writer.write(
+            b'{"op":"publish","topic":"t"}\n{"op":"broken"}\n{"op":"publish","topic":"boom"}\n'
+            b'{"op":"broken"}\n{"op":"status"}\n'
+        )
+        answers = [json.loads(await asyncio.wait_for(reader.readline(), 5)) for _ in range(5)]
+        writer.close()
+    finally:
+        await server.close()
+    assert answers[0]["ok"] is True
+    for answer in answers[1:4]:
+        assert_error(answer, "internal_error")
+    assert answers[4] == {"ok": True}
+    assert server.rejected["internal_error"] == 3
+    assert caplog.text.count("request failed unexpectedly") == 1  # rate-limited

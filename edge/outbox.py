@@ -63,6 +63,7 @@ _SWEEP_EVERY = 5.0  # seconds between expiry sweeps
 _PURGE_EVERY = 2048  # acknowledged rows left under the mark before a bulk delete
 _DEAD_KEEP_ROWS = 1000  # dead letters kept (newest first), and at most this many bytes:
 _DEAD_KEEP_BYTES = 16 * 1024 * 1024
+_LOG_EVERY = 60.0  # seconds between repeats of one warning (with a count)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS outbox (
@@ -199,6 +200,8 @@ class Outbox:
         self._failed_commits = 0
         self._retry = Backoff(settings.retry_initial, settings.retry_max)
         self._retry_at = 0.0  # monotonic: the next attempt while failing
+        self._drops_logged_at: float | None = None  # wall clock of the last drop warning
+        self._drops_unlogged = 0  # dropped since then
 
     # ---- lifecycle -------------------------------------------------------
 
@@ -466,10 +469,26 @@ class Outbox:
                 self._low_insert = low  # a fetch reading now may get past it unseen
             self._more.set()
         if done.evicted or done.skipped:
+            self._log_drops(len(done.evicted) + len(done.skipped))
+
+    def _log_drops(self, count: int) -> None:
+        """Say it the first time, then at most once a minute with the count since."""
+        self._drops_unlogged += count
+        now = self._clock()
+        if self._drops_logged_at is None:
             log.warning(
                 "outbox full (%d bytes max): dropped the %d oldest messages",
-                self.settings.max_bytes, len(done.evicted) + len(done.skipped),
+                self.settings.max_bytes, self._drops_unlogged,
             )
+        elif now - self._drops_logged_at >= _LOG_EVERY:
+            log.warning(
+                "outbox full (%d bytes max): dropped %d more since %.0fs ago",
+                self.settings.max_bytes, self._drops_unlogged, now - self._drops_logged_at,
+            )
+        else:
+            return
+        self._drops_logged_at = now
+        self._drops_unlogged = 0
 
     def _plan(self, batch: _Pending) -> _Plan:
         """Move the acknowledged-through mark over the rows this batch finishes.

@@ -130,6 +130,24 @@ async def test_drop_oldest_evicts_lowest_priority_oldest_first(tmp_path: Path) -
     assert tail == [f"{i:04d}" for i in range(100 - len(tail), 100)]
 
 
+async def test_drops_are_logged_once_then_once_a_minute_with_the_count_since(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    clock = Clock()
+    with caplog.at_level("WARNING", logger="edge.outbox"):
+        async with opened(tmp_path / "o.db", clock, max_bytes=4000) as box:
+            for i in range(200):  # one commit each: most of them drop a row
+                await box.put("t", f"{i:04d}" + "x" * 60, "text/plain")
+            first = (await box.stats()).dropped
+            clock.now += 61
+            await box.put("t", "y" * 64, "text/plain")
+            total = (await box.stats()).dropped
+    lines = [r.getMessage() for r in caplog.records if "dropped" in r.getMessage()]
+    assert first > 100 and len(lines) == 2, lines
+    assert "dropped the 1 oldest" in lines[0]
+    assert f"dropped {total - 1} more since" in lines[1]
+
+
 async def test_reject_refuses_when_full_and_keeps_what_it_accepted(tmp_path: Path) -> None:
     async with opened(tmp_path / "o.db", max_bytes=2000, on_full="reject") as box:
         accepted = []

@@ -191,7 +191,9 @@ class Agent:
         }
 
     async def _peers(self, req: dict[str, Any]) -> dict[str, Any]:
-        return {"ok": True, "peers": self.discovery.peers()}
+        d = self.discovery.snapshot()
+        return {"ok": True, "peers": self.discovery.peers(),
+                "discovery": {"state": d["state"], "reason": d["reason"]}}
 
     async def _queue(self, req: dict[str, Any]) -> dict[str, Any]:
         view = await self._queue_view()

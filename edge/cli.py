@@ -9,6 +9,7 @@ import os
 import re
 import sys
 import time
+import unicodedata
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -183,7 +184,10 @@ def _client_command(args: argparse.Namespace) -> int:
     if args.command == "publish":
         _say(json.dumps(answer) if args.json else answer["seq"], accepted=answer["seq"])
     elif args.command == "peers":
-        _say(json.dumps(answer["peers"], indent=2) if args.json else _peers_table(answer["peers"]))
+        if args.json:
+            _say(json.dumps(answer["peers"], indent=2))
+        else:
+            _say(_peers_table(answer["peers"], answer.get("discovery") or {}))
     elif args.json:
         _say(json.dumps(answer, indent=2))
     elif args.command == "status":
@@ -305,16 +309,28 @@ def _status_table(s: dict[str, Any]) -> str:
     return _rows(rows)
 
 
-def _peers_table(peers: list[dict[str, Any]]) -> str:
+def _shown(text: str, width: int = 40) -> str:
+    """A value from the LAN as one safe table cell: controls escaped, length capped."""
+    safe = "".join(
+        ch if unicodedata.category(ch)[0] != "C" else ch.encode("unicode_escape").decode()
+        for ch in text
+    )
+    return safe if len(safe) <= width else safe[: width - 1] + "…"
+
+
+def _peers_table(peers: list[dict[str, Any]], discovery: dict[str, Any]) -> str:
+    state = discovery.get("state")
     if not peers:
+        if state in ("disabled", "idle", "failed"):
+            return f"no peers: discovery is {state} ({discovery.get('reason')})"
         return "no peers found"
     now = time.time()
     header = ("NODE", "STATE", "ADDRESSES", "UPLINK", "LAST SEEN")
     lines = [header] + [
         (
-            p["node"] if p["node"] == p["instance"] else f"{p['node']} ({p['instance']})",
+            _shown(p["node"] if p["node"] == p["instance"] else f"{p['node']} ({p['instance']})"),
             p["state"],
-            ", ".join(p["addresses"]) or "-",
+            _shown(", ".join(p["addresses"]) or "-", 60),
             p.get("uplink") or "-",
             f"{_age(now - p['last_seen'])} ago",
         )

@@ -311,15 +311,17 @@ _SECTIONS: dict[str, dict[str, Parser]] = {
     },
     "discovery": {
         "enabled": _boolean,
-        "interfaces": _globs,
+        # An empty allow list can only mean discovery off: say that with enabled = false.
+        "interfaces": _checked(_globs, 'a non-empty list of interface names or patterns'
+                               ' like ["eth*"] (to turn discovery off: enabled = false)', bool),
         "exclude": _globs,
         # Quiet peers are asked every sixth of it: below 3s that is a flood of questions.
         "peer_timeout": _checked(parse_duration, "a duration of at least 3s",
                                  lambda seconds: seconds >= 3),
         "forget_after": _checked(parse_duration, "a duration above 0s", _positive),
         "port": _integer(0, 65535),
-        "scan_interval": _checked(parse_duration, "a duration of at least 1s",
-                                  lambda seconds: seconds >= 1),
+        "scan_interval": _checked(parse_duration, "a duration from 1s to 1h",
+                                  lambda seconds: 1 <= seconds <= 3600),
     },
 }
 

@@ -79,6 +79,7 @@ _CLAIM_WAIT = 0.3  # seconds to wait for another host to answer for a name we wa
 _DRAIN_MAX = 1.5  # seconds a goodbye waits for answers zeroconf has queued (1.2 s at most)
 _DRAIN_POLL = 0.02
 _RESOLVE_TRIES = 3  # questions for an SRV, TXT or address a peer's packets left out
+_ASKS_PER_TICK = 8  # questions sent per tick at most, however many peers went quiet
 _GOODBYE_REPEAT = 0.125  # seconds between the two copies of a goodbye
 
 
@@ -89,7 +90,11 @@ class _Records(RecordUpdateListener):
         self._owner = owner
 
     def async_update_records(self, zc: Zeroconf, now: float, records: list[RecordUpdate]) -> None:
-        self._owner.on_records([update.new for update in records])
+        # zeroconf also reports records it drops from its cache as they expire: those
+        # are not news from the peer (a goodbye has TTL 0; an expired one does not).
+        fresh = [u.new for u in records if u.new.ttl == 0 or not u.new.is_expired(now)]
+        if fresh:
+            self._owner.on_records(fresh)
 
 
 class Discovery:
@@ -296,6 +301,7 @@ class Discovery:
         """Register under `wanted`, or the first free `wanted-N` if it is taken."""
         assert self._aiozc is not None
         zc = self._aiozc.zeroconf
+        await zc.async_wait_for_start()  # a claim question sent before that is never sent
         self._txt = self._wanted_txt()
         self._txt_at = time.monotonic()
         taken = self.table.instances()
@@ -340,8 +346,9 @@ class Discovery:
         else:
             self.conflict["instance"] = name
         log.warning(
-            "discovery: another device on the LAN uses the name %r (same node id: a cloned"
-            " image?); advertising as %r instead. Give each device its own [node] id.",
+            "discovery: the name %r is taken on the LAN (another device with this node id,"
+            " such as a clone of this SD image, or one renamed to it); advertising as %r"
+            " instead. Give each device its own [node] id.",
             self.node, name,
         )
 
@@ -422,18 +429,24 @@ class Discovery:
         """Ask quiet peers directly; mark silent ones lost; forget long-lost ones."""
         timeout = self.settings.peer_timeout
         now = time.monotonic()
+        budget = _ASKS_PER_TICK
         for peer in self.table.quiet(now, timeout / 3):
+            if budget <= 0:
+                break  # the rest next tick: a burst of silent peers is no flood
             silent = now - peer.last_seen
             if now - self._probed_at.get(peer.instance, -timeout) >= timeout / 6:
                 self._probed_at[peer.instance] = now
                 self._probe(peer.instance, list(peer.addresses))
+                budget -= 1
             asked = self._asked_at.get(peer.instance, -timeout)
             if silent >= 2 * timeout / 3 and now - asked >= timeout / 6:
-                # It does not answer unicast (or cannot be reached so): ask the LAN.
+                # It does not answer unicast (or cannot be reached so): ask the LAN,
+                # unless another agent just asked the same (RFC 6762 7.3).
                 self._asked_at[peer.instance] = now
                 self._ask_multicast(f"{peer.instance}.{SERVICE_TYPE}", _TYPE_SRV)
+                budget -= 1
         for peer in self.table.expire(now, timeout, self.settings.forget_after):
-            log.info("peer %s (%s) lost: silent for %.0fs", peer.instance, peer.node,
+            log.info("peer %r (%s) lost: silent for %.0fs", peer.instance, peer.node,
                      now - peer.last_seen)
         known = self.table.instances()
         for times in (self._probed_at, self._asked_at):
@@ -449,8 +462,9 @@ class Discovery:
         out = DNSOutgoing(_FLAGS_QR_QUERY)
         out.add_question(question)
         zc = self._aiozc.zeroconf
-        # The answer comes back through zeroconf to on_records, like any other.
-        for address in addresses:
+        # The answer comes back through zeroconf to on_records, like any other. One
+        # address is enough (IPv4 first): the answer is about the instance, not the link.
+        for address in sorted(addresses, key=lambda a: ":" in a)[:1]:
             host, _, scope = address.partition("%")
             try:
                 if ":" in host:
@@ -480,9 +494,13 @@ class Discovery:
     def _ask_multicast(self, name: str, qtype: int) -> None:
         if self._aiozc is None:
             return
+        zc = self._aiozc.zeroconf
+        question = DNSQuestion(name, qtype, _CLASS_IN)
+        if zc.question_history.suppresses(question, current_time_millis(), set()):
+            return  # another host asked it within the second: its answer reaches us too
         out = DNSOutgoing(_FLAGS_QR_QUERY)
-        out.add_question(DNSQuestion(name, qtype, _CLASS_IN))
-        self._aiozc.zeroconf.async_send(out)
+        out.add_question(question)
+        zc.async_send(out)
 
     def _goodbye_addresses(self, addresses: set[str]) -> None:
         assert self._aiozc is not None
@@ -517,11 +535,11 @@ class Discovery:
             if state == was:
                 continue
             if state == "lost":
-                log.info("peer %s said goodbye", instance)
+                log.info("peer %r said goodbye", instance)
             else:
                 peer = self.table.get(instance)
                 where = ", ".join(peer.addresses) if peer is not None else ""
-                log.info("peer %s %s (%s)%s", instance, "found" if was is None else "back",
+                log.info("peer %r %s (%s)%s", instance, "found" if was is None else "back",
                          where or "no address yet",
                          "" if log.isEnabledFor(logging.DEBUG) is False else f" from {records}")
 
@@ -579,9 +597,9 @@ class Discovery:
         if self.table.get(instance) is None:
             return  # no SRV yet: the TXT is read from the cache when it comes
         entries, problems = parse_txt(record.text)
+        problems += self.table.text(instance, now, entries)
         for problem in problems:
             self._reject(instance, problem, "malformed TXT entry skipped or kept as bytes")
-        self.table.text(instance, now, entries)
 
     def _is_own(self, instance: str, server: str | None, *, gone: bool = False) -> bool:
         """Whether a record names our own instance; notice a conflict if it is not ours."""
@@ -638,7 +656,7 @@ class Discovery:
         self.rejected[kind] += 1
         if (instance, kind) not in self._logged and len(self._logged) < 10_000:
             self._logged.add((instance, kind))
-            log.warning("discovery: %s from %s (%s); logged once per peer",
+            log.warning("discovery: %s from %r (%s); logged once per peer",
                         what, instance, kind, exc_info=exc_info)
 
     # ---- our own addresses -----------------------------------------------------------
@@ -651,5 +669,10 @@ class Discovery:
         out = [a for i in interfaces for a in i.ipv4]
         for i in interfaces:
             for a in i.ipv6:
-                out.append(f"{a}%{i.name}" if ipaddress.IPv6Address(a).is_link_local else a)
+                if not ipaddress.IPv6Address(a).is_link_local:
+                    out.append(a)
+                elif len(interfaces) == 1:
+                    # Every address goes out on every link: a link-local one from
+                    # another interface would be shown as on the receiver's link.
+                    out.append(f"{a}%{i.name}")
         return out

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import ipaddress
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -20,6 +21,8 @@ __all__ = ["MAX_PEERS", "TXT_VALUE_MAX", "Peer", "PeerTable", "format_address", 
 
 TXT_VALUE_MAX = 200  # bytes: a longer TXT value is skipped as over-long
 MAX_PEERS = 1000  # rows: a LAN host announcing endless instances must not eat the memory
+_NODE_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")  # as [node] id
+_UPLINK_STATES = ("online", "offline")
 _FLUSH_GRACE = 1.0  # seconds: RFC 6762 10.2, a cache-flush spares records this fresh
 
 
@@ -44,6 +47,7 @@ class Peer:
     def view(self) -> dict[str, Any]:
         """The row as `peers` and `edge peers --json` give it."""
         uplink = self.txt.get("uplink")
+        uplink = uplink if uplink in _UPLINK_STATES else None
         return {
             "node": self.node,
             "instance": self.instance,
@@ -51,7 +55,7 @@ class Peer:
             "addresses": sorted(self.addresses, key=_address_order),
             "port": self.port,
             "txt": dict(self.txt),
-            "uplink": uplink if isinstance(uplink, str) else None,
+            "uplink": uplink,
             "first_seen": self.first_seen_wall,
             "last_seen": self.last_seen_wall,
             "lost_at": self.lost_at_wall,
@@ -160,16 +164,27 @@ class PeerTable:
         self._heard(peer, now)
         return True
 
-    def text(self, instance: str, now: float, entries: dict[str, Any]) -> None:
-        """A TXT record: the properties (node id among them) of a peer we know the SRV of."""
+    def text(self, instance: str, now: float, entries: dict[str, Any]) -> list[str]:
+        """A TXT record of a peer we know the SRV of; return what was wrong with it.
+
+        `node` is taken only in the form of a node id, so a LAN host cannot put
+        arbitrary text in the node column; the TXT itself is kept as it came.
+        """
         peer = self._peers.get(instance)
         if peer is None:
-            return  # a TXT alone says nothing of where a peer is: wait for its SRV
+            return []  # a TXT alone says nothing of where a peer is: wait for its SRV
+        problems = []
         peer.txt = entries
         node = entries.get("node")
-        if isinstance(node, str) and node:
+        if isinstance(node, str) and _NODE_ID.fullmatch(node):
             peer.node = node
+        elif "node" in entries:
+            problems.append("txt_bad_node")
+        uplink = entries.get("uplink")
+        if "uplink" in entries and uplink not in _UPLINK_STATES:
+            problems.append("txt_bad_uplink")
         self._heard(peer, now)
+        return problems
 
     def pointer(self, instance: str, now: float) -> None:
         """A PTR record naming a peer we know: it is there."""
@@ -189,7 +204,10 @@ class PeerTable:
                     if (":" in old) == family_v6 and heard < now - _FLUSH_GRACE:
                         del peer.addresses[old]
             peer.addresses[address] = now
-            self._heard(peer, now)
+            if peer.state == "up":
+                # Only the service's own records bring a lost peer back: its host may
+                # still answer for other services after its goodbye for this one.
+                self._heard(peer, now)
 
     def address_gone(self, server: str, address: str) -> None:
         """A goodbye (TTL 0) for one address of a host name that is still up.

@@ -238,3 +238,14 @@ def test_cli_status_table_counts_one_connect_and_one_message_in_the_singular(
     assert table.returncode == 0, table
     assert " 1 message, " in table.stdout
     assert "0 dead letters" in table.stdout
+
+
+def test_peer_values_from_the_lan_cannot_forge_table_rows_or_send_escapes() -> None:
+    from edge.cli import _peers_table
+
+    row = {"node": "a\nfake  up  6.6.6.6", "instance": "a\x1b[2J", "state": "up",
+           "addresses": ["198.18.0.1"], "uplink": None, "last_seen": 0.0}
+    table = _peers_table([row], {"state": "running"})
+    assert len(table.splitlines()) == 2  # the header and one row
+    assert "\x1b" not in table and "\\n" in table
+    assert "discovery is idle" in _peers_table([], {"state": "idle", "reason": "no interface"})

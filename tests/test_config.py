@@ -269,7 +269,9 @@ def test_services_are_accepted_with_a_warning(
         ("[discovery]\nexclude = ['']\n", "[discovery] exclude", 'got [""]'),
         ("[discovery]\npeer_timeout = '1s'\n", "[discovery] peer_timeout", "at least 3s"),
         ("[discovery]\nport = 70000\n", "[discovery] port", "from 0 to 65535, got 70000"),
-        ("[discovery]\nscan_interval = '0s'\n", "[discovery] scan_interval", "at least 1s"),
+        ("[discovery]\nscan_interval = '0s'\n", "[discovery] scan_interval", "from 1s to 1h"),
+        ("[discovery]\nscan_interval = '2h'\n", "[discovery] scan_interval", 'got "2h"'),
+        ("[discovery]\ninterfaces = []\n", "[discovery] interfaces", "enabled = false"),
         (
             "[queue]\nmax_bytes = 'lots'\n",
             "[queue] max_bytes",

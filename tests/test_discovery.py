@@ -794,7 +794,9 @@ def test_agent_with_no_usable_interface_is_idle_with_a_reason(lan: Lan) -> None:
         assert isinstance(reason, str) and reason.strip(), status["discovery"]
         assert status["discovery"]["interfaces"] == [], status["discovery"]
         assert (status["peers"]["up"], status["peers"]["lost"]) == (0, 0), status["peers"]
-        assert agent.request({"op": "peers"}) == {"ok": True, "peers": []}
+        answer = agent.request({"op": "peers"})
+        assert answer["ok"] is True and answer["peers"] == [], answer
+        assert answer["discovery"]["state"] == "idle" and answer["discovery"]["reason"], answer
         agent.assert_alive()
 
 

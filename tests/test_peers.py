@@ -208,3 +208,43 @@ def test_the_table_refuses_rows_past_its_cap_but_keeps_serving_known_peers() -> 
     assert table.get("one-more") is None and len(table) == MAX_PEERS
     assert table.service("p0", 2.0, server="p0.local.", port=9)  # a known one still updates
     assert table.get("p0") is not None and table.get("p0").port == 9  # type: ignore[union-attr]
+
+
+def test_address_records_alone_do_not_bring_back_a_peer_that_said_goodbye() -> None:
+    # Avahi withdraws one service but its host still answers A/AAAA with TTL 120.
+    table = PeerTable()
+    announce(table, "svc", "host.local.", "198.18.0.1", now=1.0)
+    table.goodbye("svc", 2.0)
+    table.address("host.local.", "198.18.0.1", 2.0, flush=True)
+    assert table.rows()[0]["state"] == "lost"
+    table.text("svc", 3.0, {"node": "svc"})  # the service itself announced again
+    assert table.rows()[0]["state"] == "up"
+
+
+def test_txt_node_and_uplink_are_taken_only_in_their_own_form() -> None:
+    table = PeerTable()
+    table.service("pi", 1.0, server="pi.local.", port=0)
+    problems = table.text("pi", 1.0, {"node": "fake\nclone    up", "uplink": "\x1b[2Jonline"})
+    assert sorted(problems) == ["txt_bad_node", "txt_bad_uplink"]
+    [row] = table.rows()
+    assert row["node"] == "pi" and row["uplink"] is None
+    assert row["txt"]["node"] == "fake\nclone    up"  # the TXT as it came, for --json
+
+
+def test_records_zeroconf_drops_from_its_cache_are_not_news_from_the_peer() -> None:
+    from zeroconf import DNSService, RecordUpdate, current_time_millis
+    from zeroconf.const import _CLASS_IN, _TYPE_SRV
+
+    from edge.discovery import SERVICE_TYPE, _Records
+
+    seen: list[object] = []
+    owner = SimpleNamespace(on_records=seen.extend)
+    name = f"pi.{SERVICE_TYPE}"
+    expired = DNSService(name, _TYPE_SRV, _CLASS_IN, 120, 0, 0, 0, "pi.local.",
+                         created=current_time_millis() - 200_000)
+    goodbye = DNSService(name, _TYPE_SRV, _CLASS_IN, 0, 0, 0, 0, "pi.local.")
+    fresh = DNSService(name, _TYPE_SRV, _CLASS_IN, 120, 0, 0, 0, "pi.local.")
+    listener = _Records(owner)  # type: ignore[arg-type]
+    listener.async_update_records(None, current_time_millis(),  # type: ignore[arg-type]
+                                  [RecordUpdate(r) for r in (expired, goodbye, fresh)])
+    assert seen == [goodbye, fresh]

@@ -166,6 +166,9 @@ class Agent:
             "rate_out": self.rates.rate_out,
             "storage_error": None if failing is None else failing[0],
             "storage_error_since": None if failing is None else failing[1],
+            "moved_aside": None if self.outbox.moved_aside is None else {
+                "path": str(self.outbox.moved_aside), "ts": self.outbox.moved_aside_ts,
+            },
         }
 
     async def _status(self, req: dict[str, Any]) -> dict[str, Any]:

@@ -285,6 +285,11 @@ def _status_table(s: dict[str, Any]) -> str:
         since = q.get("storage_error_since")
         failing = f" for {_age(time.time() - since)}" if since else ""
         rows.append(("storage", f"FAILING{failing}: {q['storage_error']}"))
+    if q.get("moved_aside"):
+        moved = q["moved_aside"]
+        ago = f" {_age(time.time() - moved['ts'])} ago" if moved.get("ts") else ""
+        rows.append(("moved aside", f"the outbox was corrupt: moved to {moved['path']}{ago}"
+                                    " and a fresh one started"))
     rows += [
         ("queue", f"{_count(q['depth'], 'message')}, {_size(q['bytes'])},"
                   f" oldest {_age(q['oldest_age'])}"),

@@ -63,6 +63,7 @@ _SWEEP_EVERY = 5.0  # seconds between expiry sweeps
 _PURGE_EVERY = 2048  # acknowledged rows left under the mark before a bulk delete
 _DEAD_KEEP_ROWS = 1000  # dead letters kept (newest first), and at most this many bytes:
 _DEAD_KEEP_BYTES = 16 * 1024 * 1024
+_CORRUPT_KEEP = 3  # corrupt databases kept after being moved aside
 _LOG_EVERY = 60.0  # seconds between repeats of one warning (with a count)
 
 _SCHEMA = """
@@ -194,6 +195,7 @@ class Outbox:
         self.accepted_total = 0  # committed since this process started
         self.sent_total = 0  # acknowledged and deleted since this process started
         self.moved_aside: Path | None = None
+        self.moved_aside_ts: float | None = None  # wall clock of the move
         self._carry = _Pending()  # acks, dead letters, expiries a failed commit left to redo
         self._failure: StorageError | None = None  # set while commits fail
         self._failing_since: float | None = None  # wall clock
@@ -217,6 +219,7 @@ class Outbox:
                 raise StorageError(f"outbox {self.path}: cannot open: {exc}") from exc
             await self._close_db()
             self.moved_aside = self._move_aside()
+            self.moved_aside_ts = self._clock()
             log.error(
                 "outbox %s is corrupt (%s); moved it to %s and started a fresh one",
                 self.path, exc, self.moved_aside,
@@ -284,7 +287,27 @@ class Outbox:
             src = Path(str(self.path) + suffix)
             if src.exists():
                 os.replace(src, Path(str(target) + suffix))
+        self._prune_moved_aside()
         return target
+
+    def _prune_moved_aside(self) -> None:
+        """Keep the newest few corrupt databases for diagnosis; delete the older ones."""
+        prefix = f"{self.path.name}.corrupt-"
+        stamps = sorted(
+            (p for p in self.path.parent.glob(prefix + "*")
+             if not p.name.endswith(("-wal", "-shm"))),
+            key=lambda p: p.name, reverse=True,  # the stamp sorts by time
+        )
+        for old in stamps[_CORRUPT_KEEP:]:
+            for suffix in ("", "-wal", "-shm"):
+                gone = Path(str(old) + suffix)
+                try:
+                    gone.unlink(missing_ok=True)
+                except OSError as exc:
+                    log.warning("cannot delete the old corrupt outbox %s: %s", gone, exc)
+                    continue
+            log.warning("deleted the old corrupt outbox %s (the newest %d are kept)",
+                        old, _CORRUPT_KEEP)
 
     async def _close_db(self) -> None:
         if self._reader is not None:

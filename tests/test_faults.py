@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import sqlite3
+import subprocess
+import sys
 import time
 
 from tests.conftest import AgentFactory, BrokerFactory, SubscriberFactory
@@ -150,6 +152,13 @@ def test_corrupt_outbox_is_moved_aside_and_a_fresh_one_is_used(
     assert status["queue"]["depth"] == 0
     kept = [p for p in agent.data_dir.iterdir() if "corrupt" in p.name]
     assert len(kept) == 1, f"files in data dir: {sorted(p.name for p in agent.data_dir.iterdir())}"
+    moved = status["queue"]["moved_aside"]
+    assert moved["path"] == str(kept[0]) and abs(moved["ts"] - time.time()) < 60, moved
+    table = subprocess.run(
+        [sys.executable, "-m", "edge", "status", "--socket", str(agent.socket_path)],
+        capture_output=True, text=True, check=True, timeout=20,
+    ).stdout
+    assert f"moved aside  the outbox was corrupt: moved to {kept[0]}" in table, table
     assert kept[0].read_bytes() == garbage
     seq = agent.publish_ok("sensors/t", "after-corruption")["seq"]
     assert isinstance(seq, int)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -224,6 +225,32 @@ async def test_corrupt_database_is_moved_aside_and_a_fresh_one_used(tmp_path: Pa
         assert "corrupt" in box.moved_aside.name
         assert (await box.stats()).depth == 1
     assert env.seq > 5  # the seq reserve outlives the database
+
+
+def _corrupt(path: Path, *, make: bool) -> None:
+    """Write a corrupt database (make), or clear the fresh one away."""
+    if make:
+        path.write_bytes(b"this is not a database" * 100)
+        return
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{path}{suffix}").unlink(missing_ok=True)
+
+
+def _corrupt_names(directory: Path) -> list[str]:
+    return sorted(p.name for p in directory.iterdir() if "corrupt" in p.name)
+
+
+async def test_only_the_three_newest_corrupt_databases_are_kept(tmp_path: Path) -> None:
+    path = tmp_path / "o.db"
+    clock = Clock()
+    for _ in range(5):
+        _corrupt(path, make=True)
+        clock.now += 10
+        async with opened(path, clock) as box:
+            assert box.moved_aside is not None and box.moved_aside_ts == clock.now
+        _corrupt(path, make=False)
+    newest = [time.strftime("%Y%m%dT%H%M%S", time.gmtime(clock.now - 10 * i)) for i in (2, 1, 0)]
+    assert _corrupt_names(tmp_path) == [f"o.db.corrupt-{stamp}" for stamp in newest]
 
 
 async def test_open_fails_clearly_when_the_directory_cannot_be_written(tmp_path: Path) -> None:

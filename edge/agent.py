@@ -112,7 +112,8 @@ class Agent:
     def _lock_data_dir(self) -> None:
         data_dir = self.settings.node.data_dir
         try:
-            data_dir.mkdir(parents=True, exist_ok=True)
+            # Messages are private to the agent's user and group ([node] data_dir).
+            data_dir.mkdir(mode=0o750, parents=True, exist_ok=True)
             fh = open(data_dir / "agent.lock", "a+")
         except OSError as exc:
             raise EdgeError(f"data dir {data_dir}: {exc.strerror}") from exc

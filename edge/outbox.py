@@ -63,6 +63,7 @@ _SWEEP_EVERY = 5.0  # seconds between expiry sweeps
 _PURGE_EVERY = 2048  # acknowledged rows left under the mark before a bulk delete
 _DEAD_KEEP_ROWS = 1000  # dead letters kept (newest first), and at most this many bytes:
 _DEAD_KEEP_BYTES = 16 * 1024 * 1024
+_FILE_MODE = 0o640  # the database, its -wal and -shm, and the seq side file
 _CORRUPT_KEEP = 3  # corrupt databases kept after being moved aside
 _LOG_EVERY = 60.0  # seconds between repeats of one warning (with a count)
 
@@ -209,7 +210,7 @@ class Outbox:
 
     async def open(self) -> None:
         """Open (or create) the database; a corrupt file is moved aside, never fatal."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.parent.mkdir(mode=0o750, parents=True, exist_ok=True)
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="outbox-writer")
         try:
             await self._open_db()
@@ -236,6 +237,12 @@ class Outbox:
         await self._reader.execute("PRAGMA cache_size=-2048")
 
     def _open_writer(self) -> None:
+        # SQLite gives the -wal and -shm files the mode of the database file: create
+        # it private first, so that none of them is ever readable by others.
+        try:
+            os.close(os.open(self.path, os.O_CREAT | os.O_WRONLY, _FILE_MODE))
+        except OSError as exc:  # reported as SQLite would have: "cannot open"
+            raise sqlite3.OperationalError(f"{exc.strerror or exc}") from exc
         db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         self._writer = db
         sync = {"off": "OFF", "normal": "NORMAL", "full": "FULL"}[self.settings.durability]
@@ -274,7 +281,7 @@ class Outbox:
 
     def _write_hwm(self, value: int) -> None:
         tmp = self._hwm_path.with_name(self._hwm_path.name + ".tmp")
-        with open(tmp, "w") as fh:
+        with open(os.open(tmp, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, _FILE_MODE), "w") as fh:
             fh.write(f"{value}\n")
             fh.flush()
             os.fsync(fh.fileno())

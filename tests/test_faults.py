@@ -172,3 +172,15 @@ def test_corrupt_outbox_is_moved_aside_and_a_fresh_one_is_used(
     agent.restart()
     assert agent.status()["queue"]["depth"] == 1
     assert [p.name for p in agent.data_dir.iterdir() if "corrupt" in p.name] == [kept[0].name]
+
+
+def test_data_dir_and_outbox_files_are_not_readable_by_others(agent_factory: AgentFactory) -> None:
+    agent = agent_factory(None)
+    agent.publish_ok("sensors/t", "private")
+    modes = {
+        p.name: p.stat().st_mode & 0o777
+        for p in agent.data_dir.iterdir() if p.name.startswith("outbox.db")
+    }
+    assert agent.data_dir.stat().st_mode & 0o777 == 0o750
+    assert set(modes) >= {"outbox.db", "outbox.db-wal", "outbox.db-shm", "outbox.db.seq"}, modes
+    assert all(mode == 0o640 for mode in modes.values()), {k: oct(v) for k, v in modes.items()}

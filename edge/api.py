@@ -38,6 +38,7 @@ Submit = Callable[[str, Any, str, int, float | None], tuple[int, str, "asyncio.F
 _MAX_TOPIC = 1024
 _PIPELINE_DEPTH = 4096  # answers a connection may owe before we stop reading it
 _BACKLOG = 1024  # pending connects the kernel holds for us
+_CLOSE_TIMEOUT = 2.0  # seconds close() waits for open connections to end
 
 
 def _bad_char(text: str) -> str | None:
@@ -129,6 +130,8 @@ class ApiServer:
         self._logged_at: dict[str, float] = {}
         self.connections = 0
         self.max_connections = max_connections
+        self._serving: set[asyncio.Task[Any]] = set()  # one per open connection
+        self._closing = False
 
     async def start(self) -> None:
         """Bind the socket (mode 0660); a stale socket file is replaced."""
@@ -147,12 +150,20 @@ class ApiServer:
         os.chmod(self.path, 0o660)
 
     async def close(self) -> None:
-        """Stop accepting and remove the socket file. Safe to call twice."""
+        """Stop accepting, end every open connection, remove the socket file. Idempotent."""
+        self._closing = True
         if self._server is not None:
             self._server.close()
             self._server = None
             with contextlib.suppress(FileNotFoundError):
                 self.path.unlink()
+        # Open connections end now: their stored messages are committed all the same,
+        # and a client that stopped reading must not hold the shutdown.
+        serving = list(self._serving)
+        for task in serving:
+            task.cancel()
+        if serving:
+            await asyncio.wait(serving, timeout=_CLOSE_TIMEOUT)
 
     def _reject(self, code: str, message: str) -> dict[str, Any]:
         self.rejected[code] = self.rejected.get(code, 0) + 1
@@ -172,6 +183,9 @@ class ApiServer:
             writer.close()
             return
         self.connections += 1
+        task = asyncio.current_task()
+        assert task is not None
+        self._serving.add(task)
         answers: asyncio.Queue[Awaitable[dict[str, Any]] | None] = asyncio.Queue(_PIPELINE_DEPTH)
         try:
             async with asyncio.TaskGroup() as tg:
@@ -179,11 +193,20 @@ class ApiServer:
                 await self._read_requests(reader, answers)
         except* (ConnectionError, BrokenPipeError):
             pass
+        except* asyncio.CancelledError:
+            if not self._closing:
+                raise  # not ours to swallow
+            # close() ended this connection: end quietly (asyncio logs a cancelled one).
         finally:
+            self._serving.discard(task)
             self.connections -= 1
-            writer.close()
-            with contextlib.suppress(ConnectionError, BrokenPipeError):
-                await writer.wait_closed()
+            _forget(answers)
+            if self._closing:
+                writer.transport.abort()  # drop unsent answers: nobody may be reading
+            else:
+                writer.close()
+                with contextlib.suppress(ConnectionError, BrokenPipeError):
+                    await writer.wait_closed()
 
     async def _read_requests(
         self, reader: asyncio.StreamReader, answers: asyncio.Queue[Awaitable[dict[str, Any]] | None]
@@ -287,6 +310,14 @@ class ApiServer:
             return self._reject(exc.code, str(exc))
         except EdgeError as exc:
             return self._reject("failed", str(exc))
+
+
+def _forget(answers: asyncio.Queue[Awaitable[dict[str, Any]] | None]) -> None:
+    """Close answers nobody will await (the connection ended first)."""
+    while not answers.empty():
+        pending = answers.get_nowait()
+        if asyncio.iscoroutine(pending):
+            pending.close()
 
 
 def _done(answer: dict[str, Any]) -> Awaitable[dict[str, Any]]:

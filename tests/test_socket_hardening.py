@@ -194,3 +194,23 @@ async def test_a_request_that_fails_unexpectedly_is_answered_internal_error_and_
     assert answers[4] == {"ok": True}
     assert server.rejected["internal_error"] == 3
     assert caplog.text.count("request failed unexpectedly") == 1  # rate-limited
+
+
+def test_sigterm_with_clients_connected_and_publishes_in_flight_stops_cleanly(
+    agent_factory: AgentFactory,
+) -> None:
+    agent = agent_factory(None)
+    idle = agent.connect()
+    busy = agent.connect()
+    assert idle.request({"op": "status"})["ok"] is True
+    busy.send_raw(b"".join(json.dumps(r).encode() + b"\n" for r in publish_items(3000)))
+    try:
+        assert agent.terminate(timeout=15) == 0
+    finally:
+        idle.close()
+        busy.close()
+    log = agent.log_path.read_text()
+    tail = log[log.rindex("--- start #"):]
+    assert "stopped" in tail
+    for bad in ("ERROR", "Traceback", "CancelledError", "never awaited", "RuntimeWarning"):
+        assert bad not in tail, f"{bad!r} in the log at shutdown:\n{tail[-3000:]}"

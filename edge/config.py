@@ -25,7 +25,7 @@ from edge.settings import (
     TelemetrySettings,
     UplinkSettings,
 )
-from edge.units import parse_duration, parse_size
+from edge.units import integer_in, parse_duration, parse_size
 
 __all__ = [
     "DEFAULT_CONFIG",
@@ -173,15 +173,6 @@ def _socket_path(value: Any) -> Path:
     return path
 
 
-def _integer(low: int, high: int) -> Parser:
-    def parse(value: Any) -> int:
-        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-            raise ValueError(f"expected an integer from {low} to {high}, got {_show(value)}")
-        return value
-
-    return parse
-
-
 def _choice(*options: str) -> Parser:
     def parse(value: Any) -> str:
         if not isinstance(value, str) or value not in options:
@@ -272,7 +263,7 @@ _SECTIONS: dict[str, dict[str, Parser]] = {
         # MQTT carries keepalive as a 16-bit number of seconds.
         "keepalive": _checked(parse_duration, "a duration from 1s to 65535s",
                               lambda seconds: 1 <= seconds <= 65535),
-        "inflight": _integer(1, 1000),
+        "inflight": integer_in(1, 1000),
         "heartbeat": _checked(parse_duration, "a duration above 0s", _positive),
         "protocol": _choice("5", "3.1.1"),
         "backoff_initial": _checked(parse_duration, "a duration above 0s", _positive),
@@ -281,7 +272,7 @@ _SECTIONS: dict[str, dict[str, Parser]] = {
         # MQTT 5 carries session expiry as a 32-bit number of seconds.
         "session_expiry": _checked(parse_duration, "a duration up to 4294967295s",
                                    lambda seconds: seconds <= 0xFFFFFFFF),
-        "refused_limit": _integer(1, 1000),
+        "refused_limit": integer_in(1, 1000),
     },
     "queue": {
         "max_bytes": _checked(parse_size, 'a size above 0 like "256MiB"', _positive),
@@ -319,7 +310,7 @@ _SECTIONS: dict[str, dict[str, Parser]] = {
         "peer_timeout": _checked(parse_duration, "a duration of at least 3s",
                                  lambda seconds: seconds >= 3),
         "forget_after": _checked(parse_duration, "a duration above 0s", _positive),
-        "port": _integer(0, 65535),
+        "port": integer_in(0, 65535),
         "scan_interval": _checked(parse_duration, "a duration from 1s to 1h",
                                   lambda seconds: 1 <= seconds <= 3600),
     },

@@ -15,7 +15,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from edge.errors import ConfigError, EdgeError
-from edge.units import parse_duration, parse_size
+from edge.units import integer_in, parse_duration, parse_size
 
 __all__ = ["RESTART_POLICIES", "HealthSpec", "ServiceError", "ServiceSpec", "check_dependencies",
            "parse_services"]
@@ -224,15 +224,6 @@ def _fraction(low: float, high: float, expected: str) -> Parser:
     return parse
 
 
-def _integer(low: int, high: int) -> Parser:
-    def parse(value: Any) -> int:
-        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-            raise ValueError(f"expected an integer from {low} to {high}, got {_show(value)}")
-        return value
-
-    return parse
-
-
 def _size(low: int, expected: str) -> Parser:
     def parse(value: Any) -> int:
         size = parse_size(value)
@@ -295,7 +286,7 @@ _KEYS: dict[str, Parser] = {
     "memory_max": _size(1024 * 1024, 'a size of at least 1MiB like "256MiB"'),
     "cpu_max": _fraction(0.01, 1024, "a fraction of one CPU like 0.5 (from 0.01)"),
     "log_max_bytes": _size(_MIN_LOG_BYTES, 'a size of at least 1KiB like "1MiB"'),
-    "log_keep": _integer(0, 100),
+    "log_keep": integer_in(0, 100),
 }
 
 _HEALTH_KEYS: dict[str, Parser] = {
@@ -304,7 +295,7 @@ _HEALTH_KEYS: dict[str, Parser] = {
     "http": _http_url,
     "interval": _positive_duration,
     "timeout": _positive_duration,
-    "retries": _integer(1, 1000),
+    "retries": integer_in(1, 1000),
     "start_period": parse_duration,
 }
 

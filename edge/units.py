@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Callable
+from typing import Any
 
-__all__ = ["parse_duration", "parse_size"]
+__all__ = ["integer_in", "parse_duration", "parse_size"]
 
 _SIZE_UNITS = {
     "": 1,
@@ -27,6 +29,17 @@ _QUANTITY = re.compile(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]*)\s*")
 
 _SIZE_EXPECTED = 'expected a size like "256MiB"'
 _DURATION_EXPECTED = 'expected a duration like "30s"'
+
+
+def integer_in(low: int, high: int) -> Callable[[Any], int]:
+    """A parser for a whole number from `low` to `high` (true and false are not numbers)."""
+
+    def parse(value: Any) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise ValueError(f"expected an integer from {low} to {high}, got {_show(value)}")
+        return value
+
+    return parse
 
 
 def parse_size(text: str | int) -> int:

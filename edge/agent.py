@@ -16,10 +16,12 @@ from typing import IO, Any
 from edge import __version__
 from edge.api import ApiServer
 from edge.discovery import Discovery
-from edge.errors import EdgeError
+from edge.errors import ConfigError, EdgeError, RequestError
 from edge.outbox import Outbox
 from edge.rates import RateMeter
+from edge.services import ServiceError
 from edge.settings import Settings
+from edge.supervisor import Supervisor
 from edge.telemetry import Telemetry
 from edge.uplink import Uplink
 
@@ -29,7 +31,7 @@ log = logging.getLogger("edge.agent")
 
 
 class Agent:
-    """One agent process: outbox, uplink, discovery, socket API and telemetry."""
+    """One agent process: outbox, uplink, discovery, services, socket API and telemetry."""
 
     def __init__(self, settings: Settings, *, clock: Callable[[], float] = time.time) -> None:
         self.settings = settings
@@ -42,12 +44,24 @@ class Agent:
             settings.discovery, self.node, version=__version__, profile=settings.node.profile,
             uplink_state=lambda: self.uplink.snapshot().state, clock=clock,
         )
+        try:
+            self.supervisor = Supervisor(settings.services, data_dir, env_extra={
+                "EDGE_NODE_ID": self.node,
+                "EDGE_API_SOCKET": str(settings.api.socket),
+                "EDGE_LOCAL_MQTT_URL": settings.local.url,
+            })
+        except ServiceError as exc:
+            raise ConfigError(f"config {settings.source}: {exc}") from exc
         self.telemetry = Telemetry(settings.telemetry.interval, data_dir, self._submit_telemetry)
         self.api = ApiServer(
             settings.api.socket,
             max_line=settings.api.max_line_bytes,
             submit=self._submit,
-            handlers={"status": self._status, "queue": self._queue, "peers": self._peers},
+            handlers={
+                "status": self._status, "queue": self._queue, "peers": self._peers,
+                "services": self._services, "service.restart": self._service_restart,
+                "service.logs": self._service_logs,
+            },
             # Leave descriptors for the database, the broker and the process itself.
             max_connections=max(8, min(1024, self._raise_fd_limit() // 2 - 32)),
         )
@@ -76,17 +90,20 @@ class Agent:
                     tg.create_task(self.outbox.run(), name="outbox"),
                     tg.create_task(self.uplink.run(), name="uplink"),
                     tg.create_task(self.discovery.run(), name="discovery"),
+                    tg.create_task(self.supervisor.run(), name="services"),
                     tg.create_task(self.telemetry.run(), name="telemetry"),
                     tg.create_task(self.rates.run(self.outbox), name="rates"),
                 ]
                 await self._stop.wait()
                 log.info("stopping")
+                await self.supervisor.close()  # first: services may publish as they stop
                 await self.api.close()
                 await self.discovery.close()  # goodbyes: peers mark us lost at once
                 await self.uplink.close()
                 for task in tasks:
                     task.cancel()
         finally:
+            await self.supervisor.close()
             await self.api.close()
             await self.outbox.close()
             self._unlock_data_dir()
@@ -192,7 +209,42 @@ class Agent:
             "api": {"rejected": dict(self.api.rejected), "connections": self.api.connections},
             "discovery": self.discovery.snapshot(),
             "peers": self.discovery.table.counts(),
+            "services": self._services_summary(),
         }
+
+    def _services_summary(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for row in self.supervisor.snapshot():
+            counts[row["state"]] = counts.get(row["state"], 0) + 1
+        return counts
+
+    async def _services(self, req: dict[str, Any]) -> dict[str, Any]:
+        return {"ok": True, "services": self.supervisor.snapshot()}
+
+    @staticmethod
+    def _service_name(req: dict[str, Any]) -> str:
+        name = req.get("name")
+        if not isinstance(name, str) or not name:
+            raise RequestError("bad_request", "'name' must be the name of a service")
+        return name
+
+    async def _service_restart(self, req: dict[str, Any]) -> dict[str, Any]:
+        name = self._service_name(req)
+        try:
+            await self.supervisor.restart(name)
+        except ServiceError as exc:
+            raise RequestError("unknown_service", str(exc)) from exc
+        return {"ok": True, "name": name}
+
+    async def _service_logs(self, req: dict[str, Any]) -> dict[str, Any]:
+        name = self._service_name(req)
+        lines = req.get("lines", 50)
+        if isinstance(lines, bool) or not isinstance(lines, int) or not 1 <= lines <= 200:
+            raise RequestError("bad_request", "'lines' must be an integer from 1 to 200")
+        try:
+            return {"ok": True, "name": name, "lines": self.supervisor.logs(name, lines)}
+        except ServiceError as exc:
+            raise RequestError("unknown_service", str(exc)) from exc
 
     async def _peers(self, req: dict[str, Any]) -> dict[str, Any]:
         d = self.discovery.snapshot()

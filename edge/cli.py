@@ -71,6 +71,14 @@ def _parser() -> argparse.ArgumentParser:
         c = client(name, what)
         c.add_argument("--json", action="store_true", help="print JSON for scripts")
 
+    svc = client("services", "show the supervised services, or restart one")
+    svc.add_argument("action", nargs="?", choices=["restart"], help="restart NAME")
+    svc.add_argument("name", nargs="?", help="the service to restart")
+    svc.add_argument("--json", action="store_true", help="print JSON for scripts")
+    logs = client("logs", "show the last lines a service printed")
+    logs.add_argument("name")
+    logs.add_argument("-n", "--lines", type=int, default=50, help="how many (1 to 200)")
+
     pub = client("publish", "queue one message (answers once it is stored)")
     pub.add_argument("topic")
     pub.add_argument(
@@ -171,6 +179,13 @@ def _socket_path(args: argparse.Namespace) -> Path:
 
 def _client_command(args: argparse.Namespace) -> int:
     request: dict[str, Any] | None = {"op": args.command}
+    if args.command == "services" and args.action == "restart":
+        if not args.name:
+            print("edge: give the NAME of the service to restart", file=sys.stderr)
+            return EXIT_USAGE
+        request = {"op": "service.restart", "name": args.name}
+    elif args.command == "logs":
+        request = {"op": "service.logs", "name": args.name, "lines": args.lines}
     if args.command == "publish":
         # Read the payload before connecting: stdin may take its time.
         request = _publish_request(args)
@@ -183,6 +198,15 @@ def _client_command(args: argparse.Namespace) -> int:
         return _fail(answer)
     if args.command == "publish":
         _say(json.dumps(answer) if args.json else answer["seq"], accepted=answer["seq"])
+    elif args.command == "services":
+        if args.action == "restart":
+            _say(f"restarted {answer['name']}")
+        else:
+            rows = answer["services"]
+            _say(json.dumps(rows, indent=2) if args.json else _services_table(rows))
+    elif args.command == "logs":
+        for line in answer["lines"]:
+            _say(line)
     elif args.command == "peers":
         if args.json:
             _say(json.dumps(answer["peers"], indent=2))
@@ -312,6 +336,25 @@ def _status_table(s: dict[str, Any]) -> str:
             rows.append(("name conflict", f"{c['wanted']!r} is taken on the LAN;"
                                           f" advertising as {c['instance']!r}"))
     return _rows(rows)
+
+
+def _services_table(rows: list[dict[str, Any]]) -> str:
+    if not rows:
+        return "no services configured ([services.NAME] in the config file)"
+    header = ("NAME", "STATE", "PID", "RESTARTS", "LAST EXIT", "UPTIME", "HEALTH")
+    lines = [header] + [
+        (
+            r["name"], r["state"], str(r.get("pid") or "-"), str(r.get("restarts", 0)),
+            "-" if r.get("last_exit") is None else str(r["last_exit"]),
+            _age(r.get("uptime")), r.get("health") or "-",
+        )
+        for r in rows
+    ]
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    return "\n".join(
+        "  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip()
+        for line in lines
+    )
 
 
 def _shown(text: str, width: int = 40) -> str:

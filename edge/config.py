@@ -15,6 +15,7 @@ from urllib.parse import urlsplit
 
 from edge.errors import ConfigError
 from edge.nodeid import default_node_id, validate_node_id
+from edge.services import parse_services
 from edge.settings import (
     ApiSettings,
     DiscoverySettings,
@@ -347,7 +348,7 @@ def _parse_document(document: dict[str, Any], source: str) -> Values:
     for section, table in document.items():
         where = f"config {source}: [{section}]"
         if section == "services":
-            _check_services(table, where)
+            values["services"] = dict(parse_services(table, source))
             continue
         parsers = _SECTIONS.get(section)
         if parsers is None:
@@ -385,17 +386,6 @@ def _check_together(values: Values, document: dict[str, Any], source: str) -> No
             )
 
 
-def _check_services(table: Any, where: str) -> None:
-    if not isinstance(table, dict):
-        raise ConfigError(f"{where}: expected [services.NAME] tables, got {_show(table)}")
-    for name, service in table.items():
-        if not isinstance(service, dict):
-            raise ConfigError(f"{where} {name}: expected a table, got {_show(service)}")
-    if table:
-        log.warning("%s: service supervision is not implemented in this version; ignoring %s",
-                    where, ", ".join(table))
-
-
 def _build(values: Values, source: str) -> Settings:
     """Lay the parsed values over the defaults."""
     node = replace(NodeSettings(id="auto", data_dir=default_data_dir()), **values.get("node", {}))
@@ -412,6 +402,7 @@ def _build(values: Values, source: str) -> Settings:
         api=replace(ApiSettings(socket=default_socket_path()), **api),
         telemetry=replace(TelemetrySettings(), **values.get("telemetry", {})),
         discovery=replace(DiscoverySettings(), **values.get("discovery", {})),
+        services=values.get("services", {}),
         source=source,
     )
 

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from edge.services import ServiceSpec
 
 __all__ = [
     "ApiSettings",
@@ -90,4 +95,5 @@ class Settings:
     api: ApiSettings = field(default_factory=ApiSettings)
     telemetry: TelemetrySettings = field(default_factory=TelemetrySettings)
     discovery: DiscoverySettings = field(default_factory=DiscoverySettings)
+    services: Mapping[str, ServiceSpec] = field(default_factory=dict)  # by name, in file order
     source: str = "<defaults>"         # the file these came from, for messages

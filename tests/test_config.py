@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import dataclasses
 import json
-import logging
 import os
 import socket
 import subprocess
@@ -240,14 +239,10 @@ def test_node_id_auto_is_derived(tmp_path: Path) -> None:
     assert load_settings(path).node.id == default_node_id()
 
 
-def test_services_are_accepted_with_a_warning(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
+def test_services_become_specs_in_the_settings(tmp_path: Path) -> None:
     path = write(tmp_path, '[services.web]\ncommand = ["python", "-m", "http.server"]\n')
-    with caplog.at_level(logging.WARNING, logger="edge.config"):
-        load_settings(path)
-    assert "not implemented" in caplog.text
-    assert "web" in caplog.text
+    [(name, spec)] = load_settings(path).services.items()
+    assert name == "web" and spec.command == ("python", "-m", "http.server")
 
 
 # -- bad files ---------------------------------------------------------------
@@ -307,7 +302,7 @@ def test_services_are_accepted_with_a_warning(
         ("[node]\nid = 7\n", "[node] id", "got 7"),
         ("[node]\nprofile = '../etc'\n", "[node] profile", 'got "../etc"'),
         ("[node]\ndata_dir = ''\n", "[node] data_dir", 'expected a path, got ""'),
-        ("[services]\nweb = 1\n", "[services] web", "expected a table"),
+        ("[services]\nweb = 1\n", "[services.web]", "expected a table"),
     ],
 )
 def test_bad_value_names_file_key_and_expectation(

@@ -29,7 +29,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -38,6 +37,9 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from edge.client import ApiClient
+from edge.errors import EdgeError
 
 REPO = Path(__file__).resolve().parents[1]
 SUBNET = "198.18.77"
@@ -123,25 +125,15 @@ class AgentProc:
         """Wait until the socket API answers; return when (monotonic)."""
         deadline = time.monotonic() + START_TIMEOUT
         while time.monotonic() < deadline:
-            with contextlib.suppress(OSError, ValueError):
+            with contextlib.suppress(EdgeError):
                 if self.request({"op": "status"}).get("ok"):
                     return time.monotonic()
             time.sleep(POLL)
         raise RuntimeError(f"{self.node} did not start:\n{self.log.read_text()[-2000:]}")
 
     def request(self, req: dict[str, Any]) -> dict[str, Any]:
-        with socket.socket(socket.AF_UNIX) as s:
-            s.settimeout(5)
-            s.connect(str(self.sock))
-            s.sendall(json.dumps(req).encode() + b"\n")
-            buf = b""
-            while not buf.endswith(b"\n"):
-                chunk = s.recv(65536)
-                if not chunk:
-                    break
-                buf += chunk
-        answer: dict[str, Any] = json.loads(buf)
-        return answer
+        with ApiClient(self.sock, timeout=5) as api:
+            return api.request(req)
 
     def peer_state(self, node: str) -> str | None:
         for row in self.request({"op": "peers"})["peers"]:

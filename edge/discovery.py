@@ -561,7 +561,7 @@ class Discovery:
             if instance is None or self._is_own(instance, None):
                 return
             if gone:
-                self._lost_by_goodbye(instance, now)
+                self.table.goodbye(instance, now)
             elif self.table.get(instance) is None:
                 if len(self._unresolved) < MAX_PEERS:
                     self._unresolved.setdefault(instance, (0, 0.0))  # a PTR without its SRV
@@ -575,7 +575,7 @@ class Discovery:
             if self._is_own(instance, record.server, gone=gone):
                 return
             if gone:
-                self._lost_by_goodbye(instance, now)
+                self.table.goodbye(instance, now)
                 return
             known = self.table.get(instance)
             if not self.table.service(instance, now, server=record.server, port=record.port):
@@ -617,9 +617,6 @@ class Discovery:
         else:
             self._rename.set()
         return True
-
-    def _lost_by_goodbye(self, instance: str, now: float) -> None:
-        self.table.goodbye(instance, now)
 
     def _fill_from_cache(self, instance: str, server: str, now: float, *, txt: bool) -> None:
         """Records that came in an earlier packet than the SRV are in zeroconf's cache."""

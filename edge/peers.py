@@ -219,12 +219,6 @@ class PeerTable:
             if peer.server == server and peer.state == "up":
                 peer.addresses.pop(address, None)
 
-    def alive(self, instance: str, now: float) -> None:
-        """The instance answered a direct question."""
-        peer = self._peers.get(instance)
-        if peer is not None:
-            self._heard(peer, now)
-
     def goodbye(self, instance: str, now: float) -> bool:
         """The instance said goodbye; return True if that made it lost."""
         peer = self._peers.get(instance)

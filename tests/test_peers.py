@@ -105,7 +105,7 @@ def test_silent_peers_are_lost_after_the_timeout_and_forgotten_later() -> None:
     table = PeerTable()
     announce(table, "a", "a.local.", "198.18.0.1", now=0.0)
     announce(table, "b", "b.local.", "198.18.0.2", now=0.0)
-    table.alive("b", 25.0)
+    table.text("b", 25.0, {"node": "b"})  # its answer to a probe
     assert [p.instance for p in table.quiet(26.0, after=10.0)] == ["a"]
     assert [p.instance for p in table.expire(30.0, peer_timeout=30.0, forget_after=60.0)] == ["a"]
     assert table.counts() == {"up": 1, "lost": 1}
@@ -120,7 +120,7 @@ def test_rows_show_the_wall_clock_of_each_event_and_liveness_ignores_wall_steps(
     table = PeerTable(wall=wall)
     announce(table, "a", "a.local.", "198.18.0.1", now=5.0)
     wall.now = 5.0 - 86400  # the wall clock steps back a day (NTP at boot)
-    table.alive("a", 6.0)
+    table.text("a", 6.0, {"node": "a"})
     [row] = table.rows()
     assert row["first_seen"] == WALL_OFFSET + 5 and row["last_seen"] == WALL_OFFSET + 5 - 86400
     assert table.expire(7.0, peer_timeout=30.0, forget_after=60.0) == []

@@ -10,17 +10,21 @@ import os
 import resource
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import IO, Any
 
 from edge import __version__
-from edge.api import ApiServer
+from edge.api import ApiServer, Stream
 from edge.discovery import Discovery
+from edge.downlink import Downlink
 from edge.errors import ConfigError, EdgeError, RequestError
+from edge.inbox import Inbox
+from edge.localbus import LocalBus
 from edge.outbox import Outbox
 from edge.rates import RateMeter
 from edge.services import ServiceError
 from edge.settings import Settings
+from edge.subscribers import Subscribers, validate_filter
 from edge.supervisor import Supervisor
 from edge.telemetry import Telemetry
 from edge.uplink import Uplink
@@ -39,7 +43,17 @@ class Agent:
         self.boot = clock()
         data_dir = settings.node.data_dir
         self.outbox = Outbox(data_dir / "outbox.db", self.node, settings.queue, clock=clock)
-        self.uplink = Uplink(settings.uplink, self.node, self.outbox, boot=self.boot, clock=clock)
+        self.local = LocalBus(settings.local, self.node, self.outbox, clock=clock)
+        self.subscribers = Subscribers()
+        self.inbox = Inbox(
+            data_dir / "inbox.db", max_bytes=settings.local.inbox_max_bytes, clock=clock
+        )
+        self.downlink = Downlink(self.inbox, self.local, self.subscribers, clock=clock)
+        self.local.on_online = self.downlink.wake
+        self.uplink = Uplink(
+            settings.uplink, self.node, self.outbox, boot=self.boot, clock=clock,
+            on_down=self.downlink.receive,
+        )
         self.discovery = Discovery(
             settings.discovery, self.node, version=__version__, profile=settings.node.profile,
             uplink_state=lambda: self.uplink.snapshot().state, clock=clock,
@@ -60,7 +74,7 @@ class Agent:
             handlers={
                 "status": self._status, "queue": self._queue, "peers": self._peers,
                 "services": self._services, "service.restart": self._service_restart,
-                "service.logs": self._service_logs,
+                "service.logs": self._service_logs, "subscribe": self._subscribe,
             },
             # Leave descriptors for the database, the broker and the process itself.
             max_connections=max(8, min(1024, self._raise_fd_limit() // 2 - 32)),
@@ -76,6 +90,7 @@ class Agent:
         self._lock_data_dir()
         try:
             await self.outbox.open()
+            await self.inbox.open()
             await self.api.start()
             loop = asyncio.get_running_loop()
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
@@ -89,6 +104,8 @@ class Agent:
                 tasks = [
                     tg.create_task(self.outbox.run(), name="outbox"),
                     tg.create_task(self.uplink.run(), name="uplink"),
+                    tg.create_task(self.local.run(), name="local"),
+                    tg.create_task(self.downlink.run(), name="downlink"),
                     tg.create_task(self.discovery.run(), name="discovery"),
                     tg.create_task(self.supervisor.run(), name="services"),
                     tg.create_task(self.telemetry.run(), name="telemetry"),
@@ -98,6 +115,7 @@ class Agent:
                 log.info("stopping")
                 await self.supervisor.close()  # first: services may publish as they stop
                 await self.api.close()
+                await self.local.close()  # what it has not acknowledged stays with the broker
                 await self.discovery.close()  # goodbyes: peers mark us lost at once
                 await self.uplink.close()
                 for task in tasks:
@@ -106,6 +124,7 @@ class Agent:
             await self.supervisor.close()
             await self.api.close()
             await self.outbox.close()
+            await self.inbox.close()
             self._unlock_data_dir()
             log.info("stopped")
 
@@ -207,10 +226,30 @@ class Agent:
                 "last_sample_ts": self.telemetry.last_sample_ts,
             },
             "api": {"rejected": dict(self.api.rejected), "connections": self.api.connections},
+            "local": self._local_view(),
+            "down": self.downlink.snapshot(),
             "discovery": self.discovery.snapshot(),
             "peers": self.discovery.table.counts(),
             "services": self._services_summary(),
         }
+
+    def _local_view(self) -> dict[str, Any]:
+        bus = self.local.snapshot()
+        return {
+            "state": bus.state, "since": bus.since, "url": bus.url, "connects": bus.connects,
+            "last_error": bus.last_error, "forwarded": bus.forwarded, "held": bus.held,
+            "rejected": bus.rejected,
+        }
+
+    async def _subscribe(self, req: dict[str, Any]) -> Stream:
+        topic_filter = validate_filter(req.get("filter"))
+        return Stream({"ok": True, "filter": topic_filter}, self._subscription(topic_filter))
+
+    async def _subscription(self, topic_filter: str) -> AsyncIterator[dict[str, Any]]:
+        lines = self.subscribers.stream(topic_filter)
+        self.downlink.wake()  # messages waiting for a subscriber (no local bus) may go now
+        async for line in lines:
+            yield line
 
     def _services_summary(self) -> dict[str, int]:
         counts: dict[str, int] = {}
@@ -236,15 +275,26 @@ class Agent:
             raise RequestError("unknown_service", str(exc)) from exc
         return {"ok": True, "name": name}
 
-    async def _service_logs(self, req: dict[str, Any]) -> dict[str, Any]:
+    async def _service_logs(self, req: dict[str, Any]) -> dict[str, Any] | Stream:
         name = self._service_name(req)
         lines = req.get("lines", 50)
         if isinstance(lines, bool) or not isinstance(lines, int) or not 1 <= lines <= 200:
             raise RequestError("bad_request", "'lines' must be an integer from 1 to 200")
+        follow = req.get("follow", False)
+        if not isinstance(follow, bool):
+            raise RequestError("bad_request", "'follow' must be true or false")
         try:
-            return {"ok": True, "name": name, "lines": self.supervisor.logs(name, lines)}
+            answer = {"ok": True, "name": name, "lines": self.supervisor.logs(name, lines)}
         except ServiceError as exc:
             raise RequestError("unknown_service", str(exc)) from exc
+        if not follow:
+            return answer
+        return Stream(answer, self._log_lines(name))
+
+    async def _log_lines(self, name: str) -> AsyncIterator[dict[str, Any]]:
+        # The tail went out in the answer; the stream carries what comes after it.
+        async for line in self.supervisor.follow(name, lines=0):
+            yield {"event": "log", "line": line}
 
     async def _peers(self, req: dict[str, Any]) -> dict[str, Any]:
         d = self.discovery.snapshot()

@@ -15,7 +15,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,11 +27,24 @@ from edge.errors import (
     StorageError,
 )
 
-__all__ = ["ApiServer", "Handler", "Submit", "parse_publish"]
+__all__ = ["ApiServer", "Handler", "Stream", "Submit", "parse_publish", "validate_topic"]
 
 log = logging.getLogger("edge.api")
 
-Handler = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
+class Stream:
+    """An answer that turns the connection into a stream of further lines.
+
+    The first line is the answer itself; then each item of `lines`, until it
+    ends or the client closes its side of the connection.
+    """
+
+    def __init__(self, first: dict[str, Any], lines: AsyncIterator[dict[str, Any]]) -> None:
+        self.first = first
+        self.lines = lines
+
+
+Answer = dict[str, Any] | Stream
+Handler = Callable[[dict[str, Any]], Awaitable[Answer]]
 # Queues a message and returns (seq, id, future that resolves once it is committed).
 Submit = Callable[[str, Any, str, int, float | None], tuple[int, str, "asyncio.Future[None]"]]
 
@@ -186,11 +199,15 @@ class ApiServer:
         task = asyncio.current_task()
         assert task is not None
         self._serving.add(task)
-        answers: asyncio.Queue[Awaitable[dict[str, Any]] | None] = asyncio.Queue(_PIPELINE_DEPTH)
+        answers: asyncio.Queue[Awaitable[Answer] | None] = asyncio.Queue(_PIPELINE_DEPTH)
+        link = _Link()
         try:
             async with asyncio.TaskGroup() as tg:
-                tg.create_task(self._write_answers(answers, writer))
+                writing = tg.create_task(self._write_answers(answers, writer, link))
                 await self._read_requests(reader, answers)
+                link.hung_up = True
+                if link.streaming:
+                    writing.cancel()  # the client closed its side: the stream ends
         except* (ConnectionError, BrokenPipeError):
             pass
         except* asyncio.CancelledError:
@@ -209,7 +226,7 @@ class ApiServer:
                     await writer.wait_closed()
 
     async def _read_requests(
-        self, reader: asyncio.StreamReader, answers: asyncio.Queue[Awaitable[dict[str, Any]] | None]
+        self, reader: asyncio.StreamReader, answers: asyncio.Queue[Awaitable[Answer] | None]
     ) -> None:
         try:
             while True:
@@ -231,21 +248,46 @@ class ApiServer:
 
     async def _write_answers(
         self,
-        answers: asyncio.Queue[Awaitable[dict[str, Any]] | None],
+        answers: asyncio.Queue[Awaitable[Answer] | None],
         writer: asyncio.StreamWriter,
+        link: _Link,
     ) -> None:
         while (pending := await answers.get()) is not None:
+            stream: Stream | None = None
             try:
                 answer = await pending
-                line = json.dumps(answer, separators=(",", ":")).encode() + b"\n"
+                if isinstance(answer, Stream):
+                    stream, answer = answer, answer.first
+                line = _line(answer)
             except Exception as exc:
                 # One request's failure must not cost the answers queued behind it.
-                line = json.dumps(self._internal(exc)).encode() + b"\n"
+                line = _line(self._internal(exc))
             if writer.is_closing():
                 continue  # the client hung up; its messages are stored all the same
             writer.write(line)
-            if answers.empty():
+            if stream is not None:
+                await self._write_stream(stream, writer, link)
+            elif answers.empty():
                 await writer.drain()
+
+    async def _write_stream(
+        self, stream: Stream, writer: asyncio.StreamWriter, link: _Link
+    ) -> None:
+        """Write a stream's lines until it ends; the reader cancels us when the client leaves."""
+        lines = stream.lines
+        try:
+            await writer.drain()
+            if link.hung_up:
+                return
+            link.streaming = True
+            async for item in lines:
+                writer.write(_line(item))
+                await writer.drain()
+        finally:
+            link.streaming = False
+            aclose = getattr(lines, "aclose", None)
+            if aclose is not None:
+                await aclose()
 
     def _internal(self, exc: BaseException) -> dict[str, Any]:
         """Answer, count and log (once a minute, with the traceback) an unexpected failure."""
@@ -257,13 +299,13 @@ class ApiServer:
             log.error("socket API request failed unexpectedly: %r", exc, exc_info=exc)
         return _error(code, f"the agent failed to serve this request: {exc!r}")
 
-    def _dispatch_safely(self, line: bytes) -> Awaitable[dict[str, Any]]:
+    def _dispatch_safely(self, line: bytes) -> Awaitable[Answer]:
         try:
             return self._dispatch(line)
         except Exception as exc:
             return _done(self._internal(exc))
 
-    def _dispatch(self, line: bytes) -> Awaitable[dict[str, Any]]:
+    def _dispatch(self, line: bytes) -> Awaitable[Answer]:
         """Parse a line and start serving it; the answer is awaited in order."""
         try:
             req = json.loads(line.decode("utf-8"))
@@ -303,7 +345,7 @@ class ApiServer:
             return self._reject(exc.code, str(exc))
         return {"ok": True, "seq": seq, "id": msg_id}
 
-    async def _do(self, handler: Handler, req: dict[str, Any]) -> dict[str, Any]:
+    async def _do(self, handler: Handler, req: dict[str, Any]) -> Answer:
         try:
             return await handler(req)
         except RequestError as exc:
@@ -312,7 +354,19 @@ class ApiServer:
             return self._reject("failed", str(exc))
 
 
-def _forget(answers: asyncio.Queue[Awaitable[dict[str, Any]] | None]) -> None:
+class _Link:
+    """What the reading and writing halves of one connection tell each other."""
+
+    def __init__(self) -> None:
+        self.hung_up = False  # the client closed its side
+        self.streaming = False  # the writer is in a stream, which only a hang-up ends
+
+
+def _line(answer: dict[str, Any]) -> bytes:
+    return json.dumps(answer, separators=(",", ":")).encode() + b"\n"
+
+
+def _forget(answers: asyncio.Queue[Awaitable[Answer] | None]) -> None:
     """Close answers nobody will await (the connection ended first)."""
     while not answers.empty():
         pending = answers.get_nowait()

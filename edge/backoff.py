@@ -1,11 +1,18 @@
-"""Capped, jittered exponential backoff: a pure schedule, no sleeping."""
+"""Capped, jittered exponential backoff (a pure schedule), and a reconnect loop using it."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import random
-from collections.abc import Callable
+import time
+from collections.abc import Awaitable, Callable
 
-__all__ = ["Backoff"]
+from edge.errors import UplinkError
+
+__all__ = ["Backoff", "reconnect_forever"]
+
+log = logging.getLogger("edge.backoff")
 
 
 class Backoff:
@@ -31,3 +38,35 @@ class Backoff:
     def reset(self) -> None:
         """Start again from `initial` (after a connection that worked)."""
         self._attempt = 0
+
+
+async def reconnect_forever(
+    session: Callable[[], Awaitable[None]],
+    backoff: Backoff,
+    *,
+    failed: Callable[[str], None],
+    ended: Callable[[], None],
+    stopping: Callable[[], bool],
+    stable_after: float,
+    what: str,
+) -> None:
+    """Run `session` again and again, `backoff` apart, until `stopping()` says so.
+
+    A session ends by raising: UplinkError with its reason, or anything else
+    (a bug, a surprise from paho), which is logged and must not end the loop.
+    A session that lasted `stable_after` seconds starts the backoff afresh.
+    """
+    while not stopping():
+        started = time.monotonic()
+        try:
+            await session()
+        except UplinkError as exc:
+            failed(str(exc))
+        except Exception as exc:
+            log.exception("%s session failed unexpectedly", what)
+            failed(f"internal error: {exc!r}")
+        finally:
+            ended()
+        if time.monotonic() - started > stable_after:
+            backoff.reset()
+        await asyncio.sleep(backoff.next())

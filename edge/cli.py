@@ -10,7 +10,8 @@ import re
 import sys
 import time
 import unicodedata
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -78,6 +79,11 @@ def _parser() -> argparse.ArgumentParser:
     logs = client("logs", "show the last lines a service printed")
     logs.add_argument("name")
     logs.add_argument("-n", "--lines", type=int, default=50, help="how many (1 to 200)")
+    logs.add_argument("-f", "--follow", action="store_true",
+                      help="then print new lines as they come, until interrupted")
+    listen = client("subscribe", "print down messages for a topic filter as they arrive")
+    listen.add_argument("filter", help='an MQTT topic filter, e.g. "cmd/#"')
+    listen.add_argument("--json", action="store_true", help="print one JSON object a line")
 
     pub = client("publish", "queue one message (answers once it is stored)")
     pub.add_argument("topic")
@@ -186,6 +192,12 @@ def _client_command(args: argparse.Namespace) -> int:
         request = {"op": "service.restart", "name": args.name}
     elif args.command == "logs":
         request = {"op": "service.logs", "name": args.name, "lines": args.lines}
+        if args.follow:
+            request["follow"] = True
+            return _follow(args, request, _print_log_line)
+    elif args.command == "subscribe":
+        request = {"op": "subscribe", "filter": args.filter}
+        return _follow(args, request, partial(_print_message, as_json=args.json))
     if args.command == "publish":
         # Read the payload before connecting: stdin may take its time.
         request = _publish_request(args)
@@ -219,6 +231,40 @@ def _client_command(args: argparse.Namespace) -> int:
     else:
         _say(_queue_table(answer))
     return EXIT_OK
+
+
+def _follow(
+    args: argparse.Namespace, request: dict[str, Any], show: Callable[[dict[str, Any]], None]
+) -> int:
+    """Print a streaming answer's lines until the agent ends the stream or we are stopped."""
+    with ApiClient(_socket_path(args), timeout=args.timeout) as api:
+        lines = api.stream(request)
+        answer = next(lines)
+        if not answer.get("ok"):
+            return _fail(answer)
+        for line in answer.get("lines", []):
+            _say(line)
+        for item in lines:
+            show(item)
+    print("edge: the agent ended the stream", file=sys.stderr)
+    return EXIT_FAIL
+
+
+def _print_log_line(item: dict[str, Any]) -> None:
+    if item.get("event") == "log":
+        _say(item.get("line", ""))
+
+
+def _print_message(item: dict[str, Any], *, as_json: bool) -> None:
+    if as_json:
+        _say(json.dumps(item))
+    elif item.get("event") == "dropped":
+        print(f"edge: {item.get('count')} message(s) lost: read too slowly", file=sys.stderr)
+    elif item.get("event") == "message":
+        if "data" in item:
+            _say(f"{item['topic']} {item['data']}")
+        else:
+            _say(f"{item['topic']} base64:{item.get('data_b64', '')}")
 
 
 def _publish_request(args: argparse.Namespace) -> dict[str, Any] | None:
@@ -321,6 +367,25 @@ def _status_table(s: dict[str, Any]) -> str:
         ("lost", f"{q['dropped']} dropped, {q['expired']} expired,"
                  f" {_count(q['dead'], 'dead letter')}"),
     ]
+    local, down = s.get("local"), s.get("down")
+    if local is not None:
+        line = local["state"]
+        if local["state"] != "disabled":
+            ago = _age(time.time() - local["since"]) if local.get("since") else "-"
+            line += f" for {ago} ({local['url']}); {local['forwarded']} forwarded"
+            if local.get("held"):
+                line += f", {local['held']} held (outbox full)"
+            rejected = sum(local.get("rejected", {}).values())
+            if rejected:
+                line += f", {rejected} rejected"
+        rows.append(("local bus", line))
+        if local.get("last_error") and local["state"] == "offline":
+            rows.append(("local error", local["last_error"]))
+    if down is not None:
+        rejected = sum(down.get("rejected", {}).values())
+        rows.append(("down", f"{down['received']} received, {down['delivered']} delivered,"
+                             f" {down['pending']} waiting, {rejected} rejected,"
+                             f" {down['expired']} expired"))
     d, peers = s.get("discovery"), s.get("peers")
     if d is not None:
         line = d["state"]

@@ -86,6 +86,22 @@ class ApiClient:
             yield self._read()
             outstanding -= 1
 
+    def stream(self, req: dict[str, Any]) -> Iterator[dict[str, Any]]:
+        """Send a streaming request: yields its answer, then each line, until the agent ends it.
+
+        Only the answer is bound by the timeout; the lines after it may be far apart.
+        """
+        answer = self.request(req)
+        yield answer
+        if not answer.get("ok"):
+            return
+        self._sock.settimeout(None)
+        while True:
+            try:
+                yield self._read()
+            except AgentNotRunning:
+                return
+
     def _read(self) -> dict[str, Any]:
         try:
             line = self._file.readline()

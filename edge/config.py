@@ -32,6 +32,7 @@ __all__ = [
     "DEFAULT_CONFIG",
     "default_data_dir",
     "default_socket_path",
+    "is_topic_filter",
     "load_settings",
     "parse_mqtt_url",
 ]
@@ -214,15 +215,25 @@ def _is_prefix(prefix: str) -> bool:
     )
 
 
-def _is_topic_filter(topic: str) -> bool:
+def is_topic_filter(topic: str) -> bool:
     levels = topic.split("/")
     whole = all(("+" not in lv and "#" not in lv) or lv in ("+", "#") for lv in levels)
     return bool(topic) and whole and "#" not in levels[:-1] and "\0" not in topic
 
 
+def _client_id(value: Any) -> str:
+    text = _text(value)
+    if len(text) > 64 or _URL_JUNK.search(text) or "/" in text:
+        raise ValueError(
+            'expected "" (edge-agent-{node id}) or a client id of at most 64 characters'
+            f" without spaces or '/', got {_show(value)}"
+        )
+    return text
+
+
 def _topic_filters(value: Any) -> tuple[str, ...]:
     if not isinstance(value, list) or not all(
-        isinstance(topic, str) and _is_topic_filter(topic) for topic in value
+        isinstance(topic, str) and is_topic_filter(topic) for topic in value
     ):
         raise ValueError(f'expected a list of topic filters like ["sensors/#"], got {_show(value)}')
     return tuple(value)
@@ -290,6 +301,18 @@ _SECTIONS: dict[str, dict[str, Parser]] = {
     "local": {
         "url": _mqtt_url,
         "forward": _topic_filters,
+        "protocol": _choice("5", "3.1.1"),
+        "client_id": _client_id,
+        "keepalive": _checked(parse_duration, "a duration from 1s to 18h",
+                              lambda seconds: 1 <= seconds <= 65535),
+        "session_expiry": _checked(parse_duration, "a duration up to 4294967295s",
+                                   lambda seconds: seconds <= 0xFFFFFFFF),
+        # MQTT 5 carries receive maximum in 16 bits.
+        "inflight": integer_in(1, 65535),
+        "backoff_initial": _checked(parse_duration, "a duration above 0s", _positive),
+        "backoff_max": _checked(parse_duration, "a duration above 0s", _positive),
+        "connect_timeout": _checked(parse_duration, "a duration above 0s", _positive),
+        "inbox_max_bytes": _checked(parse_size, 'a size above 0 like "16MiB"', _positive),
     },
     "api": {
         "socket": _socket_path,
@@ -372,6 +395,7 @@ def _check_together(values: Values, document: dict[str, Any], source: str) -> No
     for section, first, cap, defaults in (
         ("uplink", "backoff_initial", "backoff_max", UplinkSettings()),
         ("queue", "retry_initial", "retry_max", QueueSettings()),
+        ("local", "backoff_initial", "backoff_max", LocalSettings()),
     ):
         chosen = values.get(section, {})
         initial = chosen.get(first, getattr(defaults, first))

@@ -13,7 +13,7 @@ import logging
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,10 +22,18 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
+from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from edge.errors import UplinkError
 
-__all__ = ["Closed", "Connack", "MqttConnection", "PublishResult", "publish_packet_size"]
+__all__ = [
+    "Closed",
+    "Connack",
+    "Inbound",
+    "MqttConnection",
+    "PublishResult",
+    "publish_packet_size",
+]
 
 log = logging.getLogger("edge.mqtt")
 
@@ -59,6 +67,18 @@ class PublishResult:
     reason: str
 
 
+@dataclass(frozen=True, slots=True)
+class Inbound:
+    """One message the broker delivered to us; QoS 1 ones wait for `MqttConnection.ack`."""
+
+    mid: int
+    topic: str
+    payload: bytes
+    qos: int
+    content_type: str | None = None  # MQTT 5 content type
+    expiry: float | None = None  # MQTT 5 message expiry interval, seconds
+
+
 def _varint_len(n: int) -> int:
     size = 1
     while n >= 128:
@@ -88,19 +108,26 @@ class MqttConnection:
         will: tuple[str, bytes] | None = None,
         max_inflight: int = 100,
         connect_timeout: float = 10.0,
+        clean: bool = False,
+        receive_maximum: int | None = None,
+        on_message: Callable[[Inbound], None] | None = None,
     ) -> None:
         self.host = host
         self.port = port
         self.v5 = v5
         self.keepalive = keepalive
         self.session_expiry = session_expiry
+        self.clean = clean
+        self.receive_maximum = receive_maximum
         self._loop = asyncio.get_running_loop()
         self._loop_thread = threading.get_ident()
         self._client = paho.Client(
             CallbackAPIVersion.VERSION2,
             client_id=client_id,
             protocol=paho.MQTTv5 if v5 else paho.MQTTv311,
-            clean_session=None if v5 else False,
+            clean_session=None if v5 else clean,
+            # Inbound QoS 1 messages are acknowledged by the owner, once they are safe.
+            manual_ack=True,
         )
         self._client.connect_timeout = connect_timeout
         self._client.max_inflight_messages_set(max_inflight)
@@ -110,6 +137,9 @@ class MqttConnection:
         self._client.on_connect = self._on_connect
         self._client.on_disconnect = self._on_disconnect
         self._client.on_publish = self._on_publish
+        self._client.on_subscribe = self._on_subscribe
+        self._client.on_message = self._on_message
+        self._deliver = on_message
         self._client.on_socket_open = self._on_socket_open
         self._client.on_socket_close = self._on_socket_close
         self._client.on_socket_register_write = self._on_register_write
@@ -118,6 +148,7 @@ class MqttConnection:
         self._closed: asyncio.Future[Closed] = self._loop.create_future()
         self._aborting = False
         self._pending: dict[int, Callable[[PublishResult], None]] = {}
+        self._subscribing: dict[int, asyncio.Future[list[int]]] = {}
         self._sock: Any = None
         self._misc: asyncio.TimerHandle | None = None
         self.last_inbound = time.monotonic()
@@ -213,6 +244,28 @@ class MqttConnection:
         if done is not None:
             done(PublishResult(not rc.is_failure, "" if not rc.is_failure else str(rc)))
 
+    def _on_subscribe(
+        self, client: paho.Client, userdata: Any, mid: int, codes: list[ReasonCode],
+        props: Properties | None,
+    ) -> None:
+        fut = self._subscribing.pop(mid, None)
+        if fut is not None and not fut.done():
+            fut.set_result([int(code.value) for code in codes])
+
+    def _on_message(self, client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
+        props = getattr(msg, "properties", None)
+        content_type = getattr(props, "ContentType", None) if props is not None else None
+        expiry = getattr(props, "MessageExpiryInterval", None) if props is not None else None
+        inbound = Inbound(
+            msg.mid, msg.topic, bytes(msg.payload), msg.qos,
+            content_type if isinstance(content_type, str) else None,
+            float(expiry) if isinstance(expiry, int) else None,
+        )
+        if self._deliver is None:
+            self.ack(inbound)  # nobody asked for messages: do not hold the broker's window
+        else:
+            self._deliver(inbound)
+
     # ---- the awaitable surface ---------------------------------------------
 
     async def connect(self, timeout: float) -> Connack:
@@ -221,7 +274,9 @@ class MqttConnection:
         if self.v5:
             props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
             props.SessionExpiryInterval = int(self.session_expiry)
-            extra = {"clean_start": False, "properties": props}
+            if self.receive_maximum is not None:
+                props.ReceiveMaximum = self.receive_maximum
+            extra = {"clean_start": self.clean, "properties": props}
         try:
             async with asyncio.timeout(timeout):
                 # paho connects with a blocking socket call (DNS, TCP): keep it off the loop.
@@ -245,19 +300,30 @@ class MqttConnection:
         done: Callable[[PublishResult], None],
         *,
         retain: bool = False,
+        content_type: str | None = None,
+        expiry: float | None = None,
     ) -> bool:
         """Send a QoS1 PUBLISH; `done` is called on the loop with the broker's PUBACK.
 
         Returns False (and never calls `done`) when the connection cannot take it.
+        `content_type` and `expiry` (seconds) travel as MQTT 5 properties.
         """
-        info = self._client.publish(topic, payload, qos=1, retain=retain)
+        props: Properties | None = None
+        if self.v5 and (content_type is not None or expiry is not None):
+            props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+            if content_type is not None:
+                props.ContentType = content_type
+            if expiry is not None:
+                props.MessageExpiryInterval = max(1, min(0xFFFFFFFF, round(expiry)))
+        info = self._client.publish(topic, payload, qos=1, retain=retain, properties=props)
         if info.rc != paho.MQTT_ERR_SUCCESS:
             return False
         self._pending[info.mid] = done
         return True
 
     def publish(
-        self, topic: str, payload: bytes, *, retain: bool = False
+        self, topic: str, payload: bytes, *, retain: bool = False,
+        content_type: str | None = None, expiry: float | None = None,
     ) -> asyncio.Future[PublishResult]:
         """Send a QoS1 PUBLISH; the future resolves on its PUBACK."""
         fut: asyncio.Future[PublishResult] = self._loop.create_future()
@@ -266,9 +332,45 @@ class MqttConnection:
             if not fut.done():
                 fut.set_result(result)
 
-        if not self.send(topic, payload, done, retain=retain):
+        if not self.send(
+            topic, payload, done, retain=retain, content_type=content_type, expiry=expiry
+        ):
             fut.set_result(PublishResult(False, "not sent: the connection is closing"))
         return fut
+
+    async def subscribe(
+        self, filters: Sequence[str], *, no_local: bool = False, timeout: float = 10.0
+    ) -> list[int]:
+        """Subscribe with QoS 1 and wait for the SUBACK; returns its reason codes.
+
+        `no_local` (MQTT 5) keeps the broker from sending us our own publishes.
+        """
+        topics: Any
+        if self.v5:
+            topics = [(f, SubscribeOptions(qos=1, noLocal=no_local)) for f in filters]
+        else:
+            topics = [(f, 1) for f in filters]
+        rc, mid = self._client.subscribe(topics)
+        if rc != paho.MQTT_ERR_SUCCESS or mid is None:
+            raise UplinkError(f"cannot subscribe to {', '.join(filters)}: {paho.error_string(rc)}")
+        fut: asyncio.Future[list[int]] = self._loop.create_future()
+        self._subscribing[mid] = fut
+        try:
+            async with asyncio.timeout(timeout):
+                codes = await fut
+        except TimeoutError:
+            raise UplinkError(f"no SUBACK for {', '.join(filters)} within {timeout:.0f}s") from None
+        finally:
+            self._subscribing.pop(mid, None)
+        failed = [f for f, code in zip(filters, codes, strict=False) if code >= 0x80]
+        if failed:
+            raise UplinkError(f"the broker refused the subscription to {', '.join(failed)}")
+        return codes
+
+    def ack(self, message: Inbound) -> None:
+        """Acknowledge a delivered message (PUBACK for QoS 1); a closed link ignores it."""
+        if message.qos > 0 and not self._closed.done():
+            self._client.ack(message.mid, message.qos)
 
     @property
     def closed(self) -> asyncio.Future[Closed]:

@@ -180,6 +180,10 @@ class Outbox:
         self._wake = asyncio.Event()
         self._more = asyncio.Event()
         self._leased: set[int] = set()  # rows handed to the uplink and not yet gone
+        # A fetch reads a snapshot: rows finished while it read may still be in it, and
+        # are no longer leased when it looks. These keys tell it they are gone.
+        self._fetching = 0
+        self._finished_while_fetching: set[int] = set()
         self._cursor = 0  # fetch reads keys above this; never below the mark
         self._rewinds = 0  # times the cursor went back to the mark, so a fetch can tell
         self._low_insert: int | None = None  # lowest key committed while a fetch reads
@@ -486,6 +490,8 @@ class Outbox:
         self._unpurged = 0 if plan.purge_to is not None else self._unpurged + len(plan.covered)
         for row in (*batch.acks, *(r for r, _ in batch.dead), *batch.expired):
             self._leased.discard(row.key)
+            if self._fetching:
+                self._finished_while_fetching.add(row.key)
         for k in (*done.deleted, *done.evicted, *(r.key for r in plan.covered)):
             self._count_band(k, -1)
         for k, *_ in batch.inserts:
@@ -772,6 +778,35 @@ class Outbox:
         now = self._clock()
         # Nothing is leased until the last read is done: a fetch cancelled between two
         # reads (its connection died) must not leave rows leased that nobody holds.
+        self._fetching += 1
+        try:
+            cursor = await self._read_rows(db, cursor, limit, out, expired, now)
+        finally:
+            self._fetching -= 1
+            finished = self._finished_while_fetching
+            if not self._fetching:
+                self._finished_while_fetching = set()
+        out = [r for r in out if r.key not in finished]
+        expired = [r for r in expired if r.key not in finished]
+        self._leased.update(row.key for row in (*out, *expired))
+        if self._low_insert is not None and self._low_insert <= cursor:
+            # A row committed while we read lies behind where we got to (a higher
+            # priority, or a read that began before its commit): scan again from the mark.
+            self._rewind()
+        elif rewinds == self._rewinds:
+            self._cursor = cursor
+        # else: a release sent the cursor back while we read; the next fetch scans
+        # again from the mark and skips what this one leased.
+        if expired:
+            self._pending.expired.extend(expired)
+            self._wake.set()
+        return out
+
+    async def _read_rows(
+        self, db: aiosqlite.Connection, cursor: int, limit: int, out: list[OutRow],
+        expired: list[OutRow], now: float,
+    ) -> int:
+        """Read unleased rows above `cursor` into `out` / `expired`; returns the new cursor."""
         while len(out) < limit:
             try:
                 rows = await db.execute_fetchall(
@@ -793,19 +828,7 @@ class Outbox:
                 out.append(row)
                 if len(out) >= limit:
                     break
-        self._leased.update(row.key for row in (*out, *expired))
-        if self._low_insert is not None and self._low_insert <= cursor:
-            # A row committed while we read lies behind where we got to (a higher
-            # priority, or a read that began before its commit): scan again from the mark.
-            self._rewind()
-        elif rewinds == self._rewinds:
-            self._cursor = cursor
-        # else: a release sent the cursor back while we read; the next fetch scans
-        # again from the mark and skips what this one leased.
-        if expired:
-            self._pending.expired.extend(expired)
-            self._wake.set()
-        return out
+        return cursor
 
     async def wait_more(self) -> None:
         """Wait until a commit adds rows (call after `fetch` came back short)."""

@@ -58,8 +58,17 @@ class QueueSettings:
 
 @dataclass(frozen=True)
 class LocalSettings:
-    url: str = "mqtt://127.0.0.1:1883"
-    forward: tuple[str, ...] = ("#",)
+    url: str = "mqtt://127.0.0.1:1883"  # "" = no local bus
+    forward: tuple[str, ...] = ("#",)  # topic filters forwarded up
+    protocol: str = "5"                # "5" or "3.1.1"
+    client_id: str = ""                # "" = "edge-agent-{node}"
+    keepalive: float = 30.0            # seconds
+    session_expiry: float = 86400.0    # seconds the local broker keeps our session
+    inflight: int = 100                # messages the broker may send us unacknowledged
+    backoff_initial: float = 0.5       # seconds
+    backoff_max: float = 30.0          # seconds
+    connect_timeout: float = 10.0      # seconds
+    inbox_max_bytes: int = 16 * 1024 * 1024
 
 
 @dataclass(frozen=True)

@@ -529,14 +529,16 @@ class Supervisor:
             await asyncio.Event().wait()
             return
         started = self._clock()
+        passed = False  # a first passing check ends the start period early
         await asyncio.sleep(min(spec.interval, _FIRST_CHECK_MAX))
         while True:
             failure = await health.check(spec, service.env, service.spec.working_dir,
                                          service.account.popen())
             if failure is None:
+                passed = True
                 service.health, service.health_fails = "passing", 0
                 self._set_state(service, "running", None)
-            elif self._clock() - started >= spec.start_period:
+            elif passed or self._clock() - started >= spec.start_period:
                 service.health_fails += 1
                 service.health = "failing"
                 self._set_state(service, "unhealthy",

@@ -19,10 +19,10 @@ from functools import partial
 
 import cbor2
 
-from edge.backoff import Backoff
+from edge.backoff import Backoff, reconnect_forever
 from edge.config import parse_mqtt_url
 from edge.errors import UplinkError
-from edge.mqtt import Closed, MqttConnection, PublishResult, publish_packet_size
+from edge.mqtt import Closed, Inbound, MqttConnection, PublishResult, publish_packet_size
 from edge.outbox import Outbox, OutRow
 from edge.settings import UplinkSettings
 
@@ -67,8 +67,10 @@ class Uplink:
         *,
         boot: float,
         clock: Callable[[], float] = time.time,
+        on_down: Callable[[str, bytes], asyncio.Future[None] | None] | None = None,
     ) -> None:
         self.settings = settings
+        self.on_down = on_down  # takes (local topic, payload); the future: stored, PUBACK it
         self.node = node
         self.outbox = outbox
         self.boot = boot
@@ -88,6 +90,7 @@ class Uplink:
         self._ack_batch: list[OutRow] = []
         self._early_closes: deque[float] = deque()  # monotonic times of early closes
         self._clone: str | None = None  # the diagnosis while the pattern lasts
+        self.down_error: str | None = None  # why the down/# subscription failed, if it did
 
     # ---- state for status ---------------------------------------------------
 
@@ -117,28 +120,24 @@ class Uplink:
             log.info("no [uplink] url: messages are kept in the outbox")
             await asyncio.Event().wait()
         _, host, port = parse_mqtt_url(self.settings.url)
-        backoff = Backoff(self.settings.backoff_initial, self.settings.backoff_max)
-        while not self._stopping:
-            started = time.monotonic()
-            try:
-                await self._session(host, port)
-            except UplinkError as exc:
-                if self._clone is not None and str(exc) == self._clone:
-                    self._last_error = self._clone  # said once already
-                else:
-                    self._note_error(str(exc))
-            except Exception as exc:
-                # A bug or a surprise from paho must not take the agent down: the
-                # outbox keeps accepting, and the next attempt starts afresh.
-                log.exception("uplink session failed unexpectedly")
-                self._note_error(f"internal error: {exc!r}")
-            finally:
-                self._conn = None
-                self._set_state("offline")
-                self._abandon_held()
-            if time.monotonic() - started > max(self.settings.keepalive, 10.0):
-                backoff.reset()  # that connection worked for a while
-            await asyncio.sleep(backoff.next())
+        await reconnect_forever(
+            partial(self._session, host, port),
+            Backoff(self.settings.backoff_initial, self.settings.backoff_max),
+            failed=self._session_failed, ended=self._session_ended,
+            stopping=lambda: self._stopping, stable_after=max(self.settings.keepalive, 10.0),
+            what="uplink",
+        )
+
+    def _session_failed(self, message: str) -> None:
+        if self._clone is not None and message == self._clone:
+            self._last_error = self._clone  # said once already
+        else:
+            self._note_error(message)
+
+    def _session_ended(self) -> None:
+        self._conn = None
+        self._set_state("offline")
+        self._abandon_held()
 
     def _note_error(self, message: str) -> None:
         if message != self._last_error:
@@ -147,12 +146,18 @@ class Uplink:
 
     async def _session(self, host: str, port: int) -> None:
         v5 = self.settings.protocol == "5"
+        conn: MqttConnection
+
+        def down(message: Inbound) -> None:
+            self._on_down(conn, message)
+
         conn = MqttConnection(
             host=host, port=port, client_id=self.node, keepalive=self.settings.keepalive,
             v5=v5, session_expiry=self.settings.session_expiry,
             will=(f"{self.base}/status", self._status_payload("offline")),
             max_inflight=self.settings.inflight + 4,
             connect_timeout=self.settings.connect_timeout,
+            on_message=down,
         )
         connack = await conn.connect(self.settings.connect_timeout)
         self._conn = conn
@@ -176,8 +181,9 @@ class Uplink:
             pump = tg.create_task(self._pump(conn, status, connack.max_packet_size, window))
             beat = tg.create_task(self._heartbeat(conn))
             dog = tg.create_task(self._watchdog(conn))
+            sub = tg.create_task(self._subscribe_down(conn))
             closed = await conn.closed
-            for task in (pump, beat, dog):
+            for task in (pump, beat, dog, sub):
                 task.cancel()
         # A close right after sending is first the message's to answer for (MQTT 3.1.1).
         just_sent = any(time.monotonic() - t < _STRIKE_WINDOW for t in self._sent_at.values())
@@ -221,6 +227,36 @@ class Uplink:
             )
             log.warning("uplink %s: %s", self.settings.url, self._clone)
         return True
+
+    async def _subscribe_down(self, conn: MqttConnection) -> None:
+        """Ask for `{base}/down/#` on every connection (the session may be new)."""
+        if self.on_down is None:
+            return
+        topic = f"{self.base}/down/#"
+        try:
+            await conn.subscribe([topic], timeout=self.settings.connect_timeout)
+        except UplinkError as exc:
+            if str(exc) != self.down_error:
+                log.warning("uplink %s: no down messages: %s", self.settings.url, exc)
+            self.down_error = str(exc)
+            return
+        self.down_error = None
+
+    def _on_down(self, conn: MqttConnection, message: Inbound) -> None:
+        prefix = f"{self.base}/down/"
+        stored = None
+        if self.on_down is not None and message.topic.startswith(prefix):
+            stored = self.on_down(message.topic[len(prefix):], message.payload)
+        if stored is None:
+            conn.ack(message)  # rejected or not ours: never to be sent again
+            return
+
+        def settled(fut: asyncio.Future[None]) -> None:
+            if not fut.cancelled() and fut.exception() is None:
+                conn.ack(message)
+            # else not acknowledged: the broker sends it again on the next connection
+
+        stored.add_done_callback(settled)
 
     async def _heartbeat(self, conn: MqttConnection) -> None:
         while True:

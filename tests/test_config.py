@@ -62,6 +62,15 @@ retry_max = "20s"
 [local]
 url = "mqtt://localhost"
 forward = ["sensors/#", "+/alarm"]
+protocol = "3.1.1"
+client_id = "bus-7"
+keepalive = "10s"
+session_expiry = "2h"
+inflight = 20
+backoff_initial = "1s"
+backoff_max = "5s"
+connect_timeout = "3s"
+inbox_max_bytes = "1MiB"
 
 [api]
 socket = "/tmp/edge-test/agent.sock"
@@ -105,7 +114,11 @@ FULL_SETTINGS = Settings(
         retry_initial=1.0,
         retry_max=20.0,
     ),
-    local=LocalSettings(url="mqtt://localhost", forward=("sensors/#", "+/alarm")),
+    local=LocalSettings(
+        url="mqtt://localhost", forward=("sensors/#", "+/alarm"), protocol="3.1.1",
+        client_id="bus-7", keepalive=10.0, session_expiry=7200.0, inflight=20,
+        backoff_initial=1.0, backoff_max=5.0, connect_timeout=3.0, inbox_max_bytes=1024 * 1024,
+    ),
     api=ApiSettings(socket=Path("/tmp/edge-test/agent.sock"), max_line_bytes=8192),
     telemetry=TelemetrySettings(interval=0.0),
     discovery=DiscoverySettings(
@@ -293,6 +306,9 @@ def test_services_become_specs_in_the_settings(tmp_path: Path) -> None:
         ("[uplink]\nprefix = 'edge/'\n", "[uplink] prefix", 'got "edge/"'),
         ("[local]\nforward = 'sensors/#'\n", "[local] forward", "expected a list"),
         ("[local]\nforward = ['a/#/b']\n", "[local] forward", "expected a list"),
+        ("[local]\nclient_id = 'a b'\n", "[local] client_id", 'got "a b"'),
+        ("[local]\ninflight = 0\n", "[local] inflight", "got 0"),
+        ("[local]\nbackoff_initial = '40s'\n", "[local] backoff_initial", "no longer than"),
         ("[node]\nid = 'a/b'\n", "[node] id", 'A-Z a-z 0-9 _ -, got "a/b"'),
         ("[node]\nid = 'a+b'\n", "[node] id", 'got "a+b"'),
         ("[node]\nid = 'a#b'\n", "[node] id", 'got "a#b"'),

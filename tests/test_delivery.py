@@ -8,6 +8,7 @@ subscriber's persistent session is made before the agent can reach the broker
 from __future__ import annotations
 
 import base64
+import json
 import threading
 import time
 from typing import Any
@@ -68,6 +69,29 @@ def test_offline_backlog_is_delivered_complete_and_in_order_once_the_broker_appe
     assert order[:5] == [5] * 5, f"first arrivals by prio: {order[:10]}"
 
     assert agent.wait_drained(timeout=10)["queue"]["dropped"] == 0
+
+
+def test_a_steady_link_delivers_each_message_once(
+    broker: Broker, primed_subscriber: Subscriber, agent_factory: AgentFactory
+) -> None:
+    """Duplicates are for reconnects and crashes only: a link that stays up sends each once.
+
+    A few publishes at a time make many small commits, each racing the uplink's
+    next read of the outbox (a read whose snapshot predates the commit of an ack).
+    """
+    broker.start()
+    agent = agent_factory(broker)
+    agent.wait_online()
+    seqs: list[int] = []
+    with agent.connect() as api:
+        for i in range(0, 3000, 4):
+            items = publish_items(4, "sensors/t", f"r{i}-")
+            api.send_raw(b"".join(json.dumps(item).encode() + b"\n" for item in items))
+            seqs += accepted_seqs([api.read_response() for _ in items])
+    primed_subscriber.wait_for_seqs(seqs, timeout=60)
+    agent.wait_drained(timeout=10)
+    assert agent.status()["uplink"]["connects"] == 1  # no reconnect to excuse a duplicate
+    assert primed_subscriber.duplicate_count() == 0
 
 
 def test_envelope_carries_the_request_fields(

@@ -17,7 +17,7 @@ import sys
 import textwrap
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -28,6 +28,7 @@ import pytest
 from edge import health, procs
 from edge.services import HealthSpec, ServiceError, ServiceSpec
 from edge.supervisor import Supervisor
+from tests.support.aio import until
 from tests.support.net import free_port
 
 SUPERVISE = Path(__file__).parent / "support" / "supervise.py"
@@ -73,15 +74,6 @@ def spec(name: str, code: str, word: str, **options: Any) -> ServiceSpec:
 
 
 SLEEP = "import time\ntime.sleep(600)"
-
-
-async def until(predicate: Callable[[], bool], timeout: float = 10.0, what: str = "it") -> None:
-    """Poll `predicate` on the loop until it holds; fail the test after `timeout`."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            pytest.fail(f"{what} did not happen within {timeout}s")
-        await asyncio.sleep(0.02)
 
 
 def row(supervisor: Supervisor, name: str) -> dict[str, Any]:
@@ -261,6 +253,19 @@ async def test_failing_exec_health_check_restarts_a_running_service(
         assert any("unhealthy" in line for line in row(supervisor, "sick")["log_tail"])
 
 
+async def test_a_first_passing_check_ends_the_start_period(
+        tmp_path: Path, marker: str) -> None:
+    flag = tmp_path / "healthy"
+    flag.touch()
+    check = HealthSpec(kind="exec", exec=("test", "-e", str(flag)), interval=0.1, timeout=2.0,
+                       retries=2, start_period=60.0)
+    sick = spec("sick", SLEEP, marker, health=check)
+    async with supervising([sick], tmp_path) as supervisor:
+        await until(lambda: row(supervisor, "sick")["health"] == "passing", what="passing")
+        flag.unlink()  # well within the start period, but after a pass: failures count
+        await until(lambda: row(supervisor, "sick")["restarts"] >= 1, what="a restart")
+
+
 async def test_closed_tcp_port_health_check_restarts_a_running_service(
         tmp_path: Path, marker: str) -> None:
     check = HealthSpec(kind="tcp", host="127.0.0.1", port=free_port(), interval=0.1,
@@ -300,12 +305,15 @@ def _http_server(port: int, directory: Path, word: str) -> tuple[str, ...]:
 async def test_passing_health_checks_keep_the_service_running(
         tmp_path: Path, marker: str) -> None:
     tcp_port, http_port = free_port(), free_port()
+    # The start period covers a slow start on a loaded machine; it ends at the first pass,
+    # so a failure after that would count and restart.
     listening = spec("listening", _listener(tcp_port), marker, health=HealthSpec(
-        kind="tcp", host="127.0.0.1", port=tcp_port, interval=0.1, timeout=1.0, retries=1))
+        kind="tcp", host="127.0.0.1", port=tcp_port, interval=0.1, timeout=1.0, retries=1,
+        start_period=30.0))
     serving = ServiceSpec(
         name="serving", command=_http_server(http_port, tmp_path, marker),
         health=HealthSpec(kind="http", host="127.0.0.1", port=http_port, path="/",
-                          interval=0.1, timeout=1.0, retries=1))
+                          interval=0.1, timeout=1.0, retries=1, start_period=30.0))
     async with supervising([listening, serving], tmp_path) as supervisor:
         await until(lambda: all(r["health"] == "passing" for r in supervisor.snapshot()),
                     what="both checks passing")

@@ -212,6 +212,8 @@ class Agent:
             "api": {"socket": self.socket_path},
             "telemetry": {"interval": "0s"},
             "discovery": {"enabled": False},
+            # No local bus unless a test asks: a broker on 127.0.0.1:1883 is not ours.
+            "local": {"url": ""},
         }
         for section, keys in (overrides or {}).items():
             config.setdefault(section, {}).update(keys)

@@ -1,0 +1,291 @@
+"""The local bus: the device's own MQTT broker, bridged durably to the outbox.
+
+Up: the agent subscribes to `[local] forward` with QoS 1 on a persistent
+session and acknowledges each message only once the outbox has committed
+it, so the local broker keeps (and later resends) whatever is not yet safe.
+When the outbox will not take a message (`on_full = "reject"`, or storage
+failing) the message is held unacknowledged and tried again: the broker
+stops sending once `inflight` messages wait for their PUBACK, which is the
+back-pressure.
+
+Down: `publish` puts messages from the cloud on the local broker. They must
+never come back up: MQTT 5 subscriptions say *no local*; over 3.1.1 the
+agent remembers what it published for a while and skips it when it returns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+from paho.mqtt.client import topic_matches_sub
+
+from edge.api import validate_topic
+from edge.backoff import Backoff, reconnect_forever
+from edge.config import parse_mqtt_url
+from edge.errors import EnvelopeError, RequestError, StorageError, UplinkError
+from edge.mqtt import Inbound, MqttConnection, PublishResult
+from edge.outbox import Outbox
+from edge.rejections import Rejections
+from edge.settings import LocalSettings
+
+__all__ = ["LocalBus", "LocalState"]
+
+log = logging.getLogger("edge.localbus")
+
+_RETRY = 1.0  # seconds between attempts to store a held message
+_OWN_ECHO = 30.0  # seconds a message we published may take to come back (MQTT 3.1.1)
+_OWN_MAX = 10_000  # remembered own messages at most
+
+
+@dataclass(frozen=True, slots=True)
+class LocalState:
+    """What `edge status` shows of the local bus."""
+
+    state: str  # "online" / "offline" / "disabled"
+    since: float
+    url: str
+    connects: int
+    last_error: str | None
+    forwarded: int
+    held: int
+    rejected: dict[str, int]
+
+
+class LocalBus:
+    """Subscribe to the local broker and feed the outbox; publish down messages on it."""
+
+    def __init__(
+        self,
+        settings: LocalSettings,
+        node: str,
+        outbox: Outbox,
+        *,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.settings = settings
+        self.outbox = outbox
+        self.client_id = settings.client_id or f"edge-agent-{node}"
+        self.v5 = settings.protocol == "5"
+        self._clock = clock
+        self._state = "offline" if settings.url else "disabled"
+        self._since = clock()
+        self._connects = 0
+        self._last_error: str | None = None
+        self._conn: MqttConnection | None = None
+        self.online = asyncio.Event()
+        self.forwarded = 0
+        self.rejected = Rejections(log, "local message")
+        self._held: deque[tuple[MqttConnection, Inbound]] = deque()
+        self._retry: asyncio.TimerHandle | None = None
+        self._own: dict[tuple[str, bytes], deque[float]] = {}
+        self._own_count = 0
+        self._stopping = False
+        self.on_online: Callable[[], None] | None = None  # told when the broker is back
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.settings.url)
+
+    def snapshot(self) -> LocalState:
+        return LocalState(
+            self._state, self._since, self.settings.url, self._connects, self._last_error,
+            self.forwarded, len(self._held), dict(self.rejected.counts),
+        )
+
+    def _set_state(self, state: str) -> None:
+        if state != self._state:
+            self._state = state
+            self._since = self._clock()
+
+    # ---- the connection loop -----------------------------------------------------
+
+    async def run(self) -> None:
+        """Connect, forward, and reconnect with backoff, until cancelled."""
+        if not self.enabled:
+            await asyncio.Event().wait()
+        _, host, port = parse_mqtt_url(self.settings.url)
+        await reconnect_forever(
+            partial(self._session, host, port),
+            Backoff(self.settings.backoff_initial, self.settings.backoff_max),
+            failed=self._note_error, ended=self._session_ended,
+            stopping=lambda: self._stopping, stable_after=max(self.settings.keepalive, 10.0),
+            what="local bus",
+        )
+
+    def _session_ended(self) -> None:
+        self._conn = None
+        self.online.clear()
+        self._set_state("offline")
+        self._held.clear()  # not acknowledged: the broker sends them again
+
+    def _note_error(self, message: str) -> None:
+        if message != self._last_error:
+            log.warning("local broker %s: %s", self.settings.url, message)
+        self._last_error = message
+
+    async def _session(self, host: str, port: int) -> None:
+        conn: MqttConnection
+
+        def deliver(message: Inbound) -> None:
+            self._on_message(conn, message)
+
+        conn = MqttConnection(
+            host=host, port=port, client_id=self.client_id, keepalive=self.settings.keepalive,
+            v5=self.v5, session_expiry=self.settings.session_expiry,
+            max_inflight=self.settings.inflight, connect_timeout=self.settings.connect_timeout,
+            receive_maximum=self.settings.inflight, on_message=deliver,
+        )
+        connack = await conn.connect(self.settings.connect_timeout)
+        try:
+            await conn.subscribe(
+                self.settings.forward, no_local=True, timeout=self.settings.connect_timeout
+            )
+        except UplinkError:
+            conn.abort()
+            raise
+        self._conn = conn
+        self._connects += 1
+        self._last_error = None
+        self._set_state("online")
+        self.online.set()
+        if self.on_online is not None:
+            self.on_online()
+        log.info("local broker online: %s as %s (session present: %s), forwarding %s",
+                 self.settings.url, self.client_id, connack.session_present,
+                 ", ".join(self.settings.forward))
+        closed = await conn.closed
+        raise UplinkError(closed.reason)
+
+    # ---- up: local messages into the outbox -----------------------------------------
+
+    def _on_message(self, conn: MqttConnection, message: Inbound) -> None:
+        if not any(topic_matches_sub(f, message.topic) for f in self.settings.forward):
+            conn.ack(message)  # a subscription left in the session from an older config
+            return
+        if not self.v5 and self._is_own(message):
+            conn.ack(message)
+            return
+        if self._held or not self._offer(conn, message):
+            self._hold(conn, message)
+
+    def _offer(self, conn: MqttConnection, message: Inbound) -> bool:
+        """Hand one message to the outbox; False when it must wait (not acknowledged)."""
+        try:
+            topic = validate_topic(message.topic)
+            ct = message.content_type or "application/octet-stream"
+            _, committed = self.outbox.submit(topic, message.payload, ct, 0, message.expiry)
+        except StorageError:
+            return False  # full under on_full = "reject", or storage failing: hold it
+        except (RequestError, EnvelopeError) as exc:
+            # It can never be stored: acknowledged, so the broker does not resend it forever.
+            kind = "too_large" if "exceeds" in str(exc) else "bad_topic"
+            self.rejected(kind, f"{message.topic!r}: {exc}")
+            conn.ack(message)
+            return True
+
+        def settled(fut: asyncio.Future[None]) -> None:
+            if fut.cancelled() or fut.exception() is not None:
+                self._hold(conn, message, front=True)  # the commit failed: try again
+                return
+            self.forwarded += 1
+            conn.ack(message)
+
+        committed.add_done_callback(settled)
+        return True
+
+    def _hold(self, conn: MqttConnection, message: Inbound, *, front: bool = False) -> None:
+        if conn.closed.done():
+            return  # that link is gone; the broker sends the message again on the next
+        if front:
+            self._held.appendleft((conn, message))
+        else:
+            self._held.append((conn, message))
+        if self._retry is None:
+            self._retry = asyncio.get_running_loop().call_later(_RETRY, self._drain_held)
+
+    def _drain_held(self) -> None:
+        self._retry = None
+        while self._held:
+            conn, message = self._held[0]
+            if conn.closed.done():
+                self._held.popleft()
+                continue
+            if not self._offer(conn, message):
+                self._retry = asyncio.get_running_loop().call_later(_RETRY, self._drain_held)
+                return
+            self._held.popleft()
+
+    # ---- down: cloud messages onto the local broker ---------------------------------
+
+    async def publish(
+        self, topic: str, payload: bytes, ct: str, expiry: float | None
+    ) -> PublishResult:
+        """Publish with QoS 1 on the local broker; the result says whether it got a PUBACK."""
+        conn = self._conn
+        if conn is None or conn.closed.done():
+            return PublishResult(False, "the local broker is offline")
+        if not self.v5:
+            self._remember_own(topic, payload)
+        fut = conn.publish(topic, payload, content_type=ct, expiry=expiry)
+        either: list[asyncio.Future[Any]] = [fut, conn.closed]
+        await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
+        if fut.done():
+            return fut.result()
+        fut.cancel()
+        return PublishResult(False, "the local broker connection closed")
+
+    @staticmethod
+    def _key(topic: str, payload: bytes) -> tuple[str, bytes]:
+        return topic, hashlib.blake2b(payload, digest_size=16).digest()
+
+    def _remember_own(self, topic: str, payload: bytes) -> None:
+        now = time.monotonic()
+        if self._own_count >= _OWN_MAX:
+            self._prune_own(now)
+        self._own.setdefault(self._key(topic, payload), deque()).append(now)
+        self._own_count += 1
+
+    def _prune_own(self, now: float) -> None:
+        for key in list(self._own):
+            self._take_own(key, now, expired_only=True)
+        while self._own_count >= _OWN_MAX and self._own:
+            self._take_own(next(iter(self._own)), now)
+
+    def _take_own(self, key: tuple[str, bytes], now: float, *, expired_only: bool = False) -> bool:
+        """Drop expired copies of `key`, then take one live copy; True if one was taken."""
+        times = self._own.get(key)
+        if times is None:
+            return False
+        while times and now - times[0] > _OWN_ECHO:
+            times.popleft()
+            self._own_count -= 1
+        taken = bool(times) and not expired_only
+        if taken:
+            times.popleft()
+            self._own_count -= 1
+        if not times:
+            del self._own[key]
+        return taken
+
+    def _is_own(self, message: Inbound) -> bool:
+        return self._take_own(self._key(message.topic, message.payload), time.monotonic())
+
+    # ---- shutdown ----------------------------------------------------------------
+
+    async def close(self, timeout: float = 2.0) -> None:
+        """Disconnect cleanly; unacknowledged messages stay with the local broker."""
+        self._stopping = True
+        if self._retry is not None:
+            self._retry.cancel()
+            self._retry = None
+        conn = self._conn
+        if conn is not None:
+            await conn.disconnect(timeout)

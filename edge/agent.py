@@ -43,7 +43,10 @@ class Agent:
         self.boot = clock()
         data_dir = settings.node.data_dir
         self.outbox = Outbox(data_dir / "outbox.db", self.node, settings.queue, clock=clock)
-        self.local = LocalBus(settings.local, self.node, self.outbox, clock=clock)
+        self.local = LocalBus(
+            settings.local, self.node, self.outbox, state_path=data_dir / "local-session.json",
+            clock=clock,
+        )
         self.subscribers = Subscribers()
         self.inbox = Inbox(
             data_dir / "inbox.db", max_bytes=settings.local.inbox_max_bytes, clock=clock

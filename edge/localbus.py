@@ -17,15 +17,15 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import logging
 import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 from typing import Any
-
-from paho.mqtt.client import topic_matches_sub
 
 from edge.api import validate_topic
 from edge.backoff import Backoff, reconnect_forever
@@ -35,6 +35,7 @@ from edge.mqtt import Inbound, MqttConnection, PublishResult
 from edge.outbox import Outbox
 from edge.rejections import Rejections
 from edge.settings import LocalSettings
+from edge.topics import FilterSet
 
 __all__ = ["LocalBus", "LocalState"]
 
@@ -68,12 +69,17 @@ class LocalBus:
         node: str,
         outbox: Outbox,
         *,
+        state_path: Path | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.settings = settings
+        # The filters subscribed last time: a persistent session keeps them, so ones
+        # taken out of [local] forward since must be unsubscribed.
+        self.state_path = state_path
         self.outbox = outbox
         self.client_id = settings.client_id or f"edge-agent-{node}"
         self.v5 = settings.protocol == "5"
+        self._forward = FilterSet(settings.forward)
         self._clock = clock
         self._state = "offline" if settings.url else "disabled"
         self._since = clock()
@@ -127,6 +133,8 @@ class LocalBus:
         self._held.clear()  # not acknowledged: the broker sends them again
 
     def _note_error(self, message: str) -> None:
+        if self._stopping:
+            return  # our own goodbye
         if message != self._last_error:
             log.warning("local broker %s: %s", self.settings.url, message)
         self._last_error = message
@@ -151,6 +159,7 @@ class LocalBus:
         except UplinkError:
             conn.abort()
             raise
+        self._forget_old_filters(conn)
         self._conn = conn
         self._connects += 1
         self._last_error = None
@@ -164,10 +173,31 @@ class LocalBus:
         closed = await conn.closed
         raise UplinkError(closed.reason)
 
+    def _forget_old_filters(self, conn: MqttConnection) -> None:
+        if self.state_path is None:
+            return
+        try:
+            before = json.loads(self.state_path.read_text())
+        except (OSError, ValueError):
+            before = {}
+        old = before.get("filters") if isinstance(before, dict) else None
+        if isinstance(old, list) and before.get("client_id") == self.client_id:
+            gone = [f for f in old if isinstance(f, str) and f not in self.settings.forward]
+            if gone:
+                log.info("local broker: unsubscribing from %s (no longer in [local] forward)",
+                         ", ".join(gone))
+                conn.unsubscribe(gone)
+        now = {"client_id": self.client_id, "filters": list(self.settings.forward)}
+        if now != before:
+            try:
+                self.state_path.write_text(json.dumps(now) + "\n")
+            except OSError as exc:
+                log.warning("cannot write %s: %s", self.state_path, exc.strerror)
+
     # ---- up: local messages into the outbox -----------------------------------------
 
     def _on_message(self, conn: MqttConnection, message: Inbound) -> None:
-        if not any(topic_matches_sub(f, message.topic) for f in self.settings.forward):
+        if not self._forward.matches(message.topic):
             conn.ack(message)  # a subscription left in the session from an older config
             return
         if not self.v5 and self._is_own(message):

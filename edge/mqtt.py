@@ -93,6 +93,70 @@ def publish_packet_size(topic: str, payload: bytes, *, v5: bool, qos: int = 1) -
     return 1 + _varint_len(remaining) + remaining
 
 
+class _BufferedClient(paho.Client):
+    """paho with fewer system calls: one recv fills a buffer, and writes are gathered.
+
+    paho reads a packet in three recv calls or more (type, length, body) and
+    sends each packet with its own send. Here a recv takes what the kernel
+    has, paho's small reads are served from it, and while `corked` paho's
+    sends go into one buffer that `uncork` writes with a single send.
+    """
+
+    _READ = 65536
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._rbuf = b""
+        self._rpos = 0
+        self._wbuf = bytearray()
+        self._corked = False
+
+    def _sock_recv(self, bufsize: int) -> bytes:
+        if self._rpos >= len(self._rbuf):
+            data = super()._sock_recv(self._READ)  # BlockingIOError when there is none
+            if not data:
+                return data  # end of stream
+            self._rbuf, self._rpos = data, 0
+        start = self._rpos
+        self._rpos = min(start + bufsize, len(self._rbuf))
+        return self._rbuf[start:self._rpos]
+
+    def buffered(self) -> bool:
+        """Whether bytes read from the socket still wait for paho."""
+        return self._rpos < len(self._rbuf)
+
+    def _sock_send(self, buf: bytes | bytearray) -> int:
+        if self._corked:
+            self._wbuf += buf
+            return len(buf)
+        return super()._sock_send(buf)
+
+    def cork(self) -> None:
+        self._corked = True
+
+    def uncork(self) -> bool:
+        """Write what was gathered; True when all of it went (else the rest waits)."""
+        self._corked = False
+        while self._wbuf:
+            try:
+                sent = super()._sock_send(self._wbuf)
+            except (BlockingIOError, InterruptedError):
+                return False
+            except (OSError, ConnectionError, AttributeError, ValueError):
+                self._wbuf.clear()  # the link is gone: paho sees it on its next read
+                return True
+            del self._wbuf[:sent]
+        return True
+
+    def unsent(self) -> bool:
+        return bool(self._wbuf)
+
+    def _sock_close(self) -> None:
+        self.uncork()  # a DISCONNECT may still be in the buffer
+        self._wbuf.clear()
+        super()._sock_close()
+
+
 class MqttConnection:
     """One MQTT connection to one broker, from CONNECT to its end."""
 
@@ -121,7 +185,7 @@ class MqttConnection:
         self.receive_maximum = receive_maximum
         self._loop = asyncio.get_running_loop()
         self._loop_thread = threading.get_ident()
-        self._client = paho.Client(
+        self._client = _BufferedClient(
             CallbackAPIVersion.VERSION2,
             client_id=client_id,
             protocol=paho.MQTTv5 if v5 else paho.MQTTv311,
@@ -151,6 +215,8 @@ class MqttConnection:
         self._subscribing: dict[int, asyncio.Future[list[int]]] = {}
         self._sock: Any = None
         self._misc: asyncio.TimerHandle | None = None
+        self._write_scheduled = False
+        self._writer_on = False  # a writer callback waits for room in the socket buffer
         self.last_inbound = time.monotonic()
         self._probe_sent_at: float | None = None
 
@@ -173,24 +239,52 @@ class MqttConnection:
         def detach() -> None:
             self._loop.remove_reader(sock)
             self._loop.remove_writer(sock)
+            self._writer_on = False
             self._sock = None
         self._in_loop(detach)
 
     def _on_register_write(self, client: paho.Client, userdata: Any, sock: Any) -> None:
-        self._in_loop(lambda: self._loop.add_writer(sock, self._writable))
+        # paho has a packet to send: send everything queued once this loop turn ends,
+        # so that many packets share one send.
+        self._in_loop(self._write_soon)
 
     def _on_unregister_write(self, client: paho.Client, userdata: Any, sock: Any) -> None:
-        def detach() -> None:
-            self._loop.remove_writer(sock)
-        self._in_loop(detach)
+        pass  # the writer callback is ours to manage (see _writable)
+
+    def _write_soon(self) -> None:
+        if not self._write_scheduled:
+            self._write_scheduled = True
+            self._loop.call_soon(self._writable)
 
     def _readable(self) -> None:
         self.last_inbound = time.monotonic()
         self._probe_sent_at = None
-        self._client.loop_read()
+        client = self._client
+        client.loop_read()
+        while client.buffered() and client.socket() is not None:
+            client.loop_read()  # paho stops after a few packets; the rest are read already
 
     def _writable(self) -> None:
-        self._client.loop_write()
+        self._write_scheduled = False
+        client = self._client
+        sock = client.socket()
+        if sock is None:
+            return
+        flushed = client.uncork()  # what a full socket buffer held back last time first
+        if flushed:
+            client.cork()
+            client.loop_write()  # corked, paho hands over every queued packet
+            flushed = client.uncork()
+        if not flushed:
+            if not self._writer_on:
+                self._loop.add_writer(sock, self._writable)  # the kernel's buffer is full
+                self._writer_on = True
+            return
+        if self._writer_on:
+            self._loop.remove_writer(sock)
+            self._writer_on = False
+        if client.want_write():
+            self._write_soon()  # paho kept some back (it could not take them just now)
 
     def _schedule_misc(self) -> None:
         self._misc = self._loop.call_later(1.0, self._run_misc)
@@ -366,6 +460,11 @@ class MqttConnection:
         if failed:
             raise UplinkError(f"the broker refused the subscription to {', '.join(failed)}")
         return codes
+
+    def unsubscribe(self, filters: Sequence[str]) -> None:
+        """Drop subscriptions (the UNSUBACK is not waited for)."""
+        if filters:
+            self._client.unsubscribe(list(filters))
 
     def ack(self, message: Inbound) -> None:
         """Acknowledge a delivered message (PUBACK for QoS 1); a closed link ignores it."""

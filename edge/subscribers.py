@@ -8,10 +8,9 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
-from paho.mqtt.client import topic_matches_sub
-
 from edge.config import is_topic_filter
 from edge.errors import RequestError
+from edge.topics import topic_matches
 
 __all__ = ["Delivery", "Subscribers", "validate_filter"]
 
@@ -84,7 +83,7 @@ class Subscribers:
         """Queue the message for each matching subscriber; returns how many took it."""
         taken = 0
         for sub in self._subs:
-            if not topic_matches_sub(sub.filter, message.topic):
+            if not topic_matches(sub.filter, message.topic):
                 continue
             try:
                 sub.queue.put_nowait(message)
@@ -95,7 +94,7 @@ class Subscribers:
 
     def matches(self, topic: str) -> bool:
         """Whether anyone listens to `topic` now."""
-        return any(topic_matches_sub(sub.filter, topic) for sub in self._subs)
+        return any(topic_matches(sub.filter, topic) for sub in self._subs)
 
     async def stream(self, topic_filter: str) -> AsyncIterator[dict[str, Any]]:
         """Stream lines for `topic_filter` until the caller stops iterating."""

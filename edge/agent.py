@@ -49,7 +49,8 @@ class Agent:
         )
         self.subscribers = Subscribers()
         self.inbox = Inbox(
-            data_dir / "inbox.db", max_bytes=settings.local.inbox_max_bytes, clock=clock
+            data_dir / "inbox.db", max_bytes=settings.local.inbox_max_bytes,
+            durability=settings.queue.durability, clock=clock,
         )
         self.downlink = Downlink(self.inbox, self.local, self.subscribers, clock=clock)
         self.local.on_online = self.downlink.wake

@@ -63,9 +63,11 @@ class Inbox:
     """Stored down messages, oldest first."""
 
     def __init__(
-        self, path: Path, *, max_bytes: int, clock: Callable[[], float] = time.time
+        self, path: Path, *, max_bytes: int, durability: str = "normal",
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.path = path
+        self.durability = durability  # SQLite synchronous, as [queue] durability says
         self.max_bytes = max_bytes
         self._clock = clock
         self._db: aiosqlite.Connection | None = None
@@ -84,7 +86,7 @@ class Inbox:
         try:
             db = await aiosqlite.connect(self.path, isolation_level=None)
             await db.execute("PRAGMA journal_mode=WAL")
-            await db.execute("PRAGMA synchronous=NORMAL")
+            await db.execute(f"PRAGMA synchronous={self.durability.upper()}")
             await db.executescript(_SCHEMA)
             async with db.execute(
                 "SELECT key, topic, payload, ct, id, ts, exp FROM inbox ORDER BY key"

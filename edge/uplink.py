@@ -171,14 +171,15 @@ class Uplink:
                  connack.session_present)
         status = conn.publish(f"{self.base}/status", self._status_payload("online"), retain=True)
         async with asyncio.TaskGroup() as tg:
-            window = self.settings.inflight
+            wire = self.settings.inflight
             if connack.receive_maximum is not None:
                 # MQTT 5: the broker may refuse more; keep one slot for status publishes.
-                window = max(1, min(window, connack.receive_maximum - 1))
-            if window < self.settings.inflight:
-                log.info("broker takes %d messages in flight at most; window %d -> %d",
-                         window, self.settings.inflight, window)
-            pump = tg.create_task(self._pump(conn, status, connack.max_packet_size, window))
+                wire = max(1, min(wire, connack.receive_maximum - 1))
+            if wire < self.settings.inflight:
+                log.info("broker takes %d messages in flight at most (inflight %d): the rest"
+                         " of the window covers acknowledged rows being deleted",
+                         wire, self.settings.inflight)
+            pump = tg.create_task(self._pump(conn, status, connack.max_packet_size, wire))
             beat = tg.create_task(self._heartbeat(conn))
             dog = tg.create_task(self._watchdog(conn))
             sub = tg.create_task(self._subscribe_down(conn))
@@ -282,8 +283,10 @@ class Uplink:
         conn: MqttConnection,
         status: asyncio.Future[PublishResult],
         max_packet: int | None,
-        window: int,
+        wire: int,
     ) -> None:
+        """Send rows: at most `wire` unacknowledged by the broker, and at most `inflight`
+        unacknowledged or acknowledged but not yet deleted (what a crash may resend)."""
         v5 = conn.v5
         # No row goes out before the link has carried one PUBACK (the retained status):
         # a broker that reads a refused message together with the status may drop the
@@ -296,6 +299,7 @@ class Uplink:
             conn.abort(f"no PUBACK for the status within {self.settings.connect_timeout:.0f}s")
             return
         while True:
+            window = self.settings.inflight
             rows = await self.outbox.fetch(window)
             if not rows:
                 await self.outbox.wait_more()
@@ -303,7 +307,7 @@ class Uplink:
             for row in rows:
                 self._held[row.key] = row
             for row in rows:
-                while self._busy >= window:
+                while self._busy >= window or len(self._sent_at) >= wire:
                     self._slot_free.clear()
                     await self._slot_free.wait()
                 self._busy += 1
@@ -325,6 +329,7 @@ class Uplink:
         self._strikes.pop(row.key, None)
         self._held.pop(row.key, None)
         self._sent_at.pop(row.key, None)
+        self._slot_free.set()  # one more may go on the wire
         if result.ok:
             self._ack_batch.append(row)
             if len(self._ack_batch) == 1:

@@ -247,13 +247,10 @@ class Agent:
 
     async def _subscribe(self, req: dict[str, Any]) -> Stream:
         topic_filter = validate_filter(req.get("filter"))
-        return Stream({"ok": True, "filter": topic_filter}, self._subscription(topic_filter))
-
-    async def _subscription(self, topic_filter: str) -> AsyncIterator[dict[str, Any]]:
-        lines = self.subscribers.stream(topic_filter)
+        # Listening before the answer goes out: nothing falls between the two.
+        sub = self.subscribers.subscribe(topic_filter)
         self.downlink.wake()  # messages waiting for a subscriber (no local bus) may go now
-        async for line in lines:
-            yield line
+        return Stream({"ok": True, "filter": topic_filter}, sub, sub.close)
 
     def _services_summary(self) -> dict[str, int]:
         counts: dict[str, int] = {}
@@ -288,17 +285,14 @@ class Agent:
         if not isinstance(follow, bool):
             raise RequestError("bad_request", "'follow' must be true or false")
         try:
-            answer = {"ok": True, "name": name, "lines": self.supervisor.logs(name, lines)}
+            if not follow:
+                return {"ok": True, "name": name, "lines": self.supervisor.logs(name, lines)}
+            feed = self.supervisor.follow(name, lines)
         except ServiceError as exc:
             raise RequestError("unknown_service", str(exc)) from exc
-        if not follow:
-            return answer
-        return Stream(answer, self._log_lines(name))
-
-    async def _log_lines(self, name: str) -> AsyncIterator[dict[str, Any]]:
-        # The tail went out in the answer; the stream carries what comes after it.
-        async for line in self.supervisor.follow(name, lines=0):
-            yield {"event": "log", "line": line}
+        # The tail and the lines after it come from one registered reader: no gap.
+        answer = {"ok": True, "name": name, "lines": feed.queued()}
+        return Stream(answer, _log_events(feed), feed.close)
 
     async def _peers(self, req: dict[str, Any]) -> dict[str, Any]:
         d = self.discovery.snapshot()
@@ -316,6 +310,11 @@ class Agent:
             "dead_kept": await self.outbox.dead_kept(),
         })
         return view
+
+
+async def _log_events(feed: AsyncIterator[str]) -> AsyncIterator[dict[str, Any]]:
+    async for line in feed:
+        yield {"event": "log", "line": line}
 
 
 def run_agent(settings: Settings) -> None:

@@ -38,9 +38,19 @@ class Stream:
     ends or the client closes its side of the connection.
     """
 
-    def __init__(self, first: dict[str, Any], lines: AsyncIterator[dict[str, Any]]) -> None:
+    def __init__(
+        self, first: dict[str, Any], lines: AsyncIterator[dict[str, Any]],
+        close: Callable[[], None] | None = None,
+    ) -> None:
         self.first = first
         self.lines = lines
+        self._close = close
+
+    def close(self) -> None:
+        """Release what the stream holds (its subscription); called however it ends."""
+        if self._close is not None:
+            close, self._close = self._close, None
+            close()
 
 
 Answer = dict[str, Any] | Stream
@@ -262,13 +272,17 @@ class ApiServer:
             except Exception as exc:
                 # One request's failure must not cost the answers queued behind it.
                 line = _line(self._internal(exc))
-            if writer.is_closing():
-                continue  # the client hung up; its messages are stored all the same
-            writer.write(line)
-            if stream is not None:
-                await self._write_stream(stream, writer, link)
-            elif answers.empty():
-                await writer.drain()
+            try:
+                if writer.is_closing():
+                    continue  # the client hung up; its messages are stored all the same
+                writer.write(line)
+                if stream is not None:
+                    await self._write_stream(stream, writer, link)
+                elif answers.empty():
+                    await writer.drain()
+            finally:
+                if stream is not None:
+                    stream.close()
 
     async def _write_stream(
         self, stream: Stream, writer: asyncio.StreamWriter, link: _Link

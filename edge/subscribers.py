@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -12,7 +11,7 @@ from edge.config import is_topic_filter
 from edge.errors import RequestError
 from edge.topics import topic_matches
 
-__all__ = ["Delivery", "Subscribers", "validate_filter"]
+__all__ = ["Delivery", "Subscribers", "Subscription", "validate_filter"]
 
 _QUEUE = 1000  # lines a subscriber may fall behind before it loses messages
 _MAX_FILTER = 1024
@@ -62,19 +61,38 @@ def validate_filter(value: object) -> str:
     return value
 
 
-class _Subscription:
-    def __init__(self, topic_filter: str) -> None:
+class Subscription:
+    """One listener: async iteration gives its stream lines; `close` when done."""
+
+    def __init__(self, topic_filter: str, subs: list[Subscription]) -> None:
         self.filter = topic_filter
         self.queue: asyncio.Queue[Delivery] = asyncio.Queue(_QUEUE)
         self.dropped = 0
+        self._subs: list[Subscription] | None = subs
+
+    def __aiter__(self) -> Subscription:
+        return self
+
+    async def __anext__(self) -> dict[str, Any]:
+        if self._subs is None:
+            raise StopAsyncIteration
+        if self.dropped:
+            dropped, self.dropped = self.dropped, 0
+            return {"event": "dropped", "count": dropped}
+        return (await self.queue.get()).line()
+
+    def close(self) -> None:
+        """Stop listening (idempotent)."""
+        if self._subs is not None:
+            self._subs.remove(self)
+            self._subs = None
 
 
 class Subscribers:
     """Everyone listening on the socket API; `offer` hands a message to the matching ones."""
 
     def __init__(self) -> None:
-        self._subs: list[_Subscription] = []
-        self.changed = asyncio.Event()  # set when someone subscribes (waiting messages may go)
+        self._subs: list[Subscription] = []
 
     def __len__(self) -> int:
         return len(self._subs)
@@ -96,17 +114,8 @@ class Subscribers:
         """Whether anyone listens to `topic` now."""
         return any(topic_matches(sub.filter, topic) for sub in self._subs)
 
-    async def stream(self, topic_filter: str) -> AsyncIterator[dict[str, Any]]:
-        """Stream lines for `topic_filter` until the caller stops iterating."""
-        sub = _Subscription(topic_filter)
+    def subscribe(self, topic_filter: str) -> Subscription:
+        """Start listening to `topic_filter` now; iterate the result for the lines."""
+        sub = Subscription(topic_filter, self._subs)
         self._subs.append(sub)
-        self.changed.set()
-        try:
-            while True:
-                message = await sub.queue.get()
-                if sub.dropped:
-                    dropped, sub.dropped = sub.dropped, 0
-                    yield {"event": "dropped", "count": dropped}
-                yield message.line()
-        finally:
-            self._subs.remove(sub)
+        return sub

@@ -39,7 +39,7 @@ import random
 import signal
 import subprocess
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -113,6 +113,33 @@ class _Follower:
             self.queue.put_nowait(line)
         except asyncio.QueueFull:
             self.skipped += 1
+
+
+class LogFeed:
+    """A service's output line by line (async iteration); `close` when done with it."""
+
+    def __init__(self, follower: _Follower, followers: list[_Follower]) -> None:
+        self._follower = follower
+        self._followers: list[_Follower] | None = followers
+
+    def __aiter__(self) -> LogFeed:
+        return self
+
+    async def __anext__(self) -> str:
+        if self._followers is None:
+            raise StopAsyncIteration
+        return await self._follower.queue.get()
+
+    def queued(self) -> list[str]:
+        """Take the lines waiting now (right after `follow`: the tail)."""
+        queue = self._follower.queue
+        return [queue.get_nowait() for _ in range(queue.qsize())]
+
+    def close(self) -> None:
+        """Stop following (idempotent)."""
+        if self._followers is not None:
+            self._followers.remove(self._follower)
+            self._followers = None
 
 
 @dataclass(eq=False)
@@ -221,18 +248,18 @@ class Supervisor:
         """The last `lines` lines of the service's output (up to 200 are kept in memory)."""
         return self._get(name).tail.lines(lines)
 
-    async def follow(self, name: str, lines: int = 10) -> AsyncIterator[str]:
-        """The last `lines` lines, then each new line as it comes, until the caller stops."""
+    def follow(self, name: str, lines: int = 10) -> LogFeed:
+        """The last `lines` lines, then each new line as it comes, until the feed is closed.
+
+        The reader is registered before this returns: no line falls between the tail
+        and the feed.
+        """
         service = self._get(name)
         follower = _Follower()
         for line in service.tail.lines(lines):
             follower.put(line)
         service.followers.append(follower)
-        try:
-            while True:
-                yield await follower.queue.get()
-        finally:
-            service.followers.remove(follower)
+        return LogFeed(follower, service.followers)
 
     def log_path(self, name: str) -> Path:
         """The service's current log file (`output.log`, rotated to `output.log.1` ...)."""

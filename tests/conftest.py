@@ -16,6 +16,7 @@ import pytest
 
 from tests.support.agent import Agent, Overrides
 from tests.support.broker import Broker, find_mosquitto
+from tests.support.localpub import MqttClients
 from tests.support.net import free_port
 from tests.support.netns import Lan, netns_unavailable, sweep_leftovers
 from tests.support.subscriber import UP_FILTER, Subscriber
@@ -151,3 +152,13 @@ def primed_subscriber(broker: Broker, subscriber_factory: SubscriberFactory) -> 
     sub = subscriber_factory(broker)
     broker.stop()
     return sub
+
+
+@pytest.fixture
+def mqtt_clients() -> Iterator[MqttClients]:
+    """Local programs and cloud applications: mqtt_clients.publisher(broker), .subscriber(...).
+
+    Every client made is disconnected at teardown.
+    """
+    with MqttClients() as made:
+        yield made

@@ -445,10 +445,13 @@ async def test_follow_yields_the_tail_then_new_lines(tmp_path: Path, marker: str
         await until(lambda: "tick 2" in supervisor.logs("ticking", 5), what="three ticks")
         seen: list[str] = []
         async with asyncio.timeout(5):
-            async for line in supervisor.follow("ticking", lines=2):
+            feed = supervisor.follow("ticking", lines=2)
+            async for line in feed:
                 seen.append(line)
                 if len(seen) == 6:
                     break
+            feed.close()
+            assert [line async for line in feed] == []  # a closed feed ends
     ticks = [int(line.split()[1]) for line in seen]
     assert ticks == list(range(ticks[0], ticks[0] + 6)), seen  # no gap between tail and new
 

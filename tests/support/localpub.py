@@ -1,0 +1,348 @@
+"""MQTT clients standing for the device's programs and the cloud application.
+
+`Publisher` publishes QoS 1 and waits for its broker's PUBACK: a local program
+on the local broker, or a cloud application sending down messages. `RawSubscriber`
+records payloads as they are (the local topics carry no envelope) with a
+persistent session, so what a broker accepted for it while it was away, or
+while the broker restarted, still reaches it. `MqttClients` makes both and
+disconnects them at teardown.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import cbor2
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from .broker import Broker
+
+__all__ = [
+    "MqttClients",
+    "Publisher",
+    "RawMessage",
+    "RawSubscriber",
+    "down_envelope",
+    "probe_until",
+    "total",
+]
+
+_SESSION_EXPIRY = 24 * 3600
+_POLL = 0.05
+_ids = itertools.count(1)
+
+
+def down_envelope(data: Any, **keys: Any) -> bytes:
+    """A down envelope as a cloud application sends it: `v`, `data`, then `keys`."""
+    return bytes(cbor2.dumps({"v": 1, "data": data, **keys}))
+
+
+def total(counts: dict[str, int]) -> int:
+    """The sum of a status `rejected` map ({KIND: N})."""
+    assert isinstance(counts, dict), f"rejected is not a map by kind: {counts!r}"
+    return sum(counts.values())
+
+
+def probe_until(
+    send: Callable[[int], None], arrived: Callable[[], bool], timeout: float, what: str
+) -> int:
+    """Call send(n) for n = 0, 1, ... every 2 s until arrived() is true; return how many were sent.
+
+    A broker gives a client only what is published after its subscription
+    exists, and on a fresh session that is some time after the client says it
+    is connected. Probes sent until one comes through keep a test's own
+    messages from racing that first SUBSCRIBE.
+    """
+    deadline = time.monotonic() + timeout
+    n = 0
+    while True:
+        send(n)
+        n += 1
+        probe_deadline = min(deadline, time.monotonic() + 2.0)
+        while time.monotonic() < probe_deadline:
+            if arrived():
+                return n
+            time.sleep(_POLL)
+        if time.monotonic() >= deadline:
+            raise TimeoutError(f"{what}: none of {n} probes came through within {timeout}s")
+
+
+def _make_client(client_id: str, protocol: str, persistent: bool) -> mqtt.Client:
+    if protocol == "5":
+        client = mqtt.Client(
+            CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5
+        )
+    elif protocol == "3.1.1":
+        client = mqtt.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=client_id,
+            protocol=mqtt.MQTTv311,
+            clean_session=not persistent,
+        )
+    else:
+        raise ValueError(f"protocol must be '5' or '3.1.1', got {protocol!r}")
+    # Reconnect quickly after a broker restart; a persistent session carries the messages.
+    # (paho's hint says int; it only ever sleeps for the value.)
+    client.reconnect_delay_set(min_delay=0.1, max_delay=0.5)  # type: ignore[arg-type]
+    return client
+
+
+def _connect(client: mqtt.Client, port: int, protocol: str, persistent: bool) -> None:
+    if protocol == "5":
+        props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+        if persistent:
+            props.SessionExpiryInterval = _SESSION_EXPIRY
+        client.connect(
+            "127.0.0.1", port, keepalive=30, clean_start=not persistent, properties=props
+        )
+    else:
+        client.connect("127.0.0.1", port, keepalive=30)
+
+
+class Publisher:
+    """A QoS 1 publisher on one broker (clean session: it keeps nothing for later)."""
+
+    def __init__(self, port: int, protocol: str = "5", client_id: str | None = None) -> None:
+        self.port = port
+        self.protocol = protocol
+        self.client_id = client_id or f"test-pub-{next(_ids)}"
+        self._client = _make_client(self.client_id, protocol, persistent=False)
+        self._client.max_inflight_messages_set(100)
+        self._connected = threading.Event()
+        self._client.on_connect = self._on_connect
+        self._client.on_disconnect = self._on_disconnect
+        self._started = False
+
+    def _on_connect(
+        self, client: mqtt.Client, userdata: Any, flags: Any, rc: Any, props: Any
+    ) -> None:
+        if not rc.is_failure:
+            self._connected.set()
+
+    def _on_disconnect(
+        self, client: mqtt.Client, userdata: Any, flags: Any, rc: Any, props: Any
+    ) -> None:
+        self._connected.clear()
+
+    def start(self, timeout: float = 10.0) -> Publisher:
+        """Connect and return once the broker has accepted the connection."""
+        _connect(self._client, self.port, self.protocol, persistent=False)
+        self._client.loop_start()
+        self._started = True
+        if not self._connected.wait(timeout):
+            raise TimeoutError(f"publisher not connected to port {self.port} in {timeout}s")
+        return self
+
+    def close(self) -> None:
+        """Disconnect and stop the network thread."""
+        if not self._started:
+            return
+        self._started = False
+        self._client.disconnect()
+        self._client.loop_stop()
+
+    def send(
+        self,
+        topic: str,
+        payload: bytes,
+        *,
+        content_type: str | None = None,
+        expiry: int | None = None,
+    ) -> mqtt.MQTTMessageInfo:
+        """Queue one QoS 1 publish (MQTT 5 properties only when given); do not wait."""
+        props: Properties | None = None
+        if content_type is not None or expiry is not None:
+            if self.protocol != "5":
+                raise ValueError("content type and expiry need MQTT 5")
+            props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+            if content_type is not None:
+                props.ContentType = content_type
+            if expiry is not None:
+                props.MessageExpiryInterval = expiry
+        info = self._client.publish(topic, payload, qos=1, properties=props)
+        if info.rc != mqtt.MQTT_ERR_SUCCESS:
+            reason = mqtt.error_string(info.rc)
+            raise RuntimeError(f"publish to {topic!r} refused by paho: {reason}")
+        return info
+
+    @staticmethod
+    def wait_acked(infos: Sequence[mqtt.MQTTMessageInfo], timeout: float) -> None:
+        """Wait until the broker has PUBACKed every one of `infos`, or raise TimeoutError."""
+        deadline = time.monotonic() + timeout
+        for n, info in enumerate(infos):
+            info.wait_for_publish(timeout=max(0.01, deadline - time.monotonic()))
+            if not info.is_published():
+                raise TimeoutError(
+                    f"only {n} of {len(infos)} publishes acknowledged within {timeout:.1f}s"
+                )
+
+    def publish(self, topic: str, payload: bytes, timeout: float = 10.0, **props: Any) -> None:
+        """Publish one message and wait for the broker's PUBACK."""
+        self.wait_acked([self.send(topic, payload, **props)], timeout)
+
+    def publish_many(self, items: Iterable[tuple[str, bytes]], timeout: float = 60.0) -> None:
+        """Publish every (topic, payload) pipelined, then wait for all PUBACKs."""
+        infos = [self.send(topic, payload) for topic, payload in items]
+        self.wait_acked(infos, timeout)
+
+
+@dataclass(frozen=True)
+class RawMessage:
+    """One message as a subscriber got it."""
+
+    topic: str
+    payload: bytes
+    content_type: str | None
+    dup: bool
+
+
+class RawSubscriber:
+    """A QoS 1 subscriber with a persistent session, recording payloads as they are."""
+
+    def __init__(
+        self,
+        port: int,
+        topic_filter: str,
+        protocol: str = "5",
+        client_id: str | None = None,
+    ) -> None:
+        self.port = port
+        self.topic_filter = topic_filter
+        self.protocol = protocol
+        self.client_id = client_id or f"test-raw-sub-{next(_ids)}"
+        self._lock = threading.Lock()
+        self._messages: list[RawMessage] = []
+        self._subscribed = threading.Event()
+        self._client = _make_client(self.client_id, protocol, persistent=True)
+        self._client.on_connect = self._on_connect
+        self._client.on_subscribe = self._on_subscribe
+        self._client.on_message = self._on_message
+        self._started = False
+
+    def start(self, timeout: float = 10.0) -> RawSubscriber:
+        """Connect, subscribe, and return once the broker has granted the subscription."""
+        _connect(self._client, self.port, self.protocol, persistent=True)
+        self._client.loop_start()
+        self._started = True
+        if not self._subscribed.wait(timeout):
+            raise TimeoutError(f"subscription to {self.topic_filter!r} not granted in {timeout}s")
+        return self
+
+    def close(self) -> None:
+        """Disconnect (the session stays on the broker) and stop the network thread."""
+        if not self._started:
+            return
+        self._started = False
+        self._client.disconnect()
+        self._client.loop_stop()
+
+    # -- paho callbacks (network thread) -------------------------------------
+
+    def _on_connect(
+        self, client: mqtt.Client, userdata: Any, flags: Any, rc: Any, props: Any
+    ) -> None:
+        if not rc.is_failure:
+            # Harmless with a present session, needed when the broker lost it.
+            client.subscribe(self.topic_filter, qos=1)
+
+    def _on_subscribe(
+        self, client: mqtt.Client, userdata: Any, mid: Any, codes: Any, props: Any
+    ) -> None:
+        if all(not code.is_failure for code in codes):
+            self._subscribed.set()
+
+    def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        content_type = getattr(msg.properties, "ContentType", None) if msg.properties else None
+        item = RawMessage(msg.topic, bytes(msg.payload), content_type, bool(msg.dup))
+        with self._lock:
+            self._messages.append(item)
+
+    # -- reading what arrived -------------------------------------------------
+
+    @property
+    def messages(self) -> list[RawMessage]:
+        """Every message so far, duplicates included, in arrival order."""
+        with self._lock:
+            return list(self._messages)
+
+    def on(self, topic: str) -> list[RawMessage]:
+        """The messages that arrived on exactly `topic`."""
+        return [m for m in self.messages if m.topic == topic]
+
+    def wait_until(
+        self, predicate: Callable[[list[RawMessage]], bool], timeout: float, what: str
+    ) -> list[RawMessage]:
+        """Poll until predicate(messages) is true; return those messages, or raise TimeoutError."""
+        deadline = time.monotonic() + timeout
+        while True:
+            messages = self.messages
+            if predicate(messages):
+                return messages
+            if time.monotonic() >= deadline:
+                tail = [(m.topic, len(m.payload)) for m in messages[-3:]]
+                raise TimeoutError(
+                    f"{what}: not reached within {timeout:.1f}s "
+                    f"({len(messages)} messages on {self.topic_filter!r}; "
+                    f"last (topic, bytes): {tail!r})"
+                )
+            time.sleep(_POLL)
+
+    def wait_for_topic(self, topic: str, timeout: float) -> RawMessage:
+        """Wait for the first message on exactly `topic`; return it."""
+        self.wait_until(
+            lambda ms: any(m.topic == topic for m in ms), timeout, what=f"a message on {topic!r}"
+        )
+        return self.on(topic)[0]
+
+
+class MqttClients:
+    """Makes started publishers and subscribers; close() disconnects them all."""
+
+    def __init__(self) -> None:
+        self._made: list[Publisher | RawSubscriber] = []
+
+    def publisher(self, broker: Broker, protocol: str = "5") -> Publisher:
+        """A connected publisher on `broker` (which must be running)."""
+        pub = Publisher(broker.port, protocol=protocol)
+        self._made.append(pub)
+        return pub.start()
+
+    def subscriber(self, broker: Broker, topic_filter: str, protocol: str = "5") -> RawSubscriber:
+        """A subscribed persistent-session subscriber on `broker` (which must be running)."""
+        sub = RawSubscriber(broker.port, topic_filter, protocol=protocol)
+        self._made.append(sub)
+        return sub.start()
+
+    def primed_subscriber(
+        self, broker: Broker, topic_filter: str, protocol: str = "5"
+    ) -> RawSubscriber:
+        """A subscriber whose session exists on `broker`, which is left STOPPED.
+
+        Whatever reaches the broker once it runs again is kept for this
+        subscriber, so nothing slips past between the broker starting and a
+        subscription.
+        """
+        broker.start()
+        sub = self.subscriber(broker, topic_filter, protocol=protocol)
+        broker.stop()
+        return sub
+
+    def close(self) -> None:
+        """Disconnect every client made here, newest first."""
+        for client in reversed(self._made):
+            client.close()
+        self._made.clear()
+
+    def __enter__(self) -> MqttClients:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

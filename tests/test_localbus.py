@@ -1,0 +1,381 @@
+"""The local MQTT bus, up: local program -> local mosquitto -> agent -> outbox -> cloud mosquitto.
+
+Each test runs the real agent with two real brokers, one as the device's local
+bus and one as the cloud. The cloud subscriber's persistent session exists
+before the agent can reach the cloud broker, so what it counts is what the
+agent delivered; the local publisher's messages are all PUBACKed by the local
+broker, so what it published is what the agent owed the cloud.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from edge.envelope import Envelope
+from tests.conftest import AgentFactory, BrokerFactory
+from tests.support.agent import Overrides
+from tests.support.broker import Broker
+from tests.support.localpub import (
+    MqttClients,
+    Publisher,
+    RawMessage,
+    RawSubscriber,
+    probe_until,
+    total,
+)
+
+NODE = "node-a"
+UP = f"edge/v1/nodes/{NODE}/up/"
+PROBE = "sensors/probe"
+LOCAL_INFLIGHT = 100
+
+
+def _local(local: Broker, forward: tuple[str, ...] = ("sensors/#",), **keys: Any) -> Overrides:
+    """The [local] section for `local`, with a quick reconnect."""
+    return {
+        "local": {
+            "url": local.url,
+            "forward": list(forward),
+            "inflight": LOCAL_INFLIGHT,
+            "backoff_initial": "0.1s",
+            "backoff_max": "0.5s",
+            **keys,
+        }
+    }
+
+
+def _await_forwarding(pub: Publisher, forwarded: Callable[[], bool]) -> None:
+    """Publish probes on PROBE until `forwarded()` sees one come through the agent."""
+    probe_until(
+        lambda n: pub.publish(PROBE, f"probe-{n}".encode()),
+        forwarded,
+        timeout=15,
+        what="the agent's local subscription",
+    )
+
+
+def _decoded(messages: list[RawMessage]) -> list[tuple[RawMessage, Envelope]]:
+    """Every message but the probes, with its decoded envelope."""
+    out = []
+    for m in messages:
+        env = Envelope.decode(m.payload)
+        if env.topic != PROBE:
+            out.append((m, env))
+    return out
+
+
+def _distinct_data(sub: RawSubscriber) -> set[tuple[str, Any]]:
+    """The distinct (local topic, data) pairs the cloud subscriber got, probes left out."""
+    return {(env.topic, env.data) for _, env in _decoded(sub.messages)}
+
+
+def _payloads(count: int, size: int = 0) -> list[tuple[str, bytes]]:
+    """`count` distinct (topic, payload) pairs; payloads are bytes that are not UTF-8."""
+    pad = b"x" * size
+    return [(f"sensors/t{i % 8}", f"m{i}-".encode() + b"\xfe\x00" + pad) for i in range(count)]
+
+
+def _wait_cloud_got(
+    sub: RawSubscriber, wanted: set[tuple[str, bytes]], timeout: float
+) -> None:
+    """Wait until every (topic, payload) in `wanted` has arrived at the cloud at least once."""
+    def done(messages: list[RawMessage]) -> bool:
+        return wanted <= {(env.topic, env.data) for _, env in _decoded(messages)}
+
+    try:
+        sub.wait_until(done, timeout, what=f"{len(wanted)} local messages at the cloud")
+    except TimeoutError as exc:
+        missing = wanted - _distinct_data(sub)
+        raise TimeoutError(f"{exc}; {len(missing)} missing, e.g. {sorted(missing)[:3]!r}") from None
+
+
+def _assert_forwarded_as_sent(sub: RawSubscriber, sent: set[tuple[str, bytes]]) -> int:
+    """Every up message is one of `sent`, on its topic, as octet-stream; return the copies."""
+    copies = 0
+    for m, env in _decoded(sub.messages):
+        assert m.topic == UP + env.topic, f"{env.topic!r} arrived on {m.topic!r}"
+        assert (env.topic, env.data) in sent, f"unexpected {env.topic!r} {env.data!r}"
+        assert isinstance(env.data, bytes), f"data is {type(env.data).__name__}, not bytes"
+        assert env.ct == "application/octet-stream" and env.node == NODE
+        copies += 1
+    assert _distinct_data(sub) == sent
+    return copies
+
+
+def test_local_messages_published_while_the_cloud_is_down_all_reach_the_cloud(
+    broker_factory: BrokerFactory, agent_factory: AgentFactory, mqtt_clients: MqttClients
+) -> None:
+    local = broker_factory(name="local")
+    local.start()
+    cloud = broker_factory(name="cloud")
+    cloud_sub = mqtt_clients.primed_subscriber(cloud, UP + "#")
+    agent = agent_factory(cloud, overrides=_local(local))
+    pub = mqtt_clients.publisher(local)
+    _await_forwarding(pub, lambda: agent.status()["queue"]["depth"] >= 1)
+    base = agent.status()["queue"]["depth"]
+
+    items = _payloads(5000)
+    pub.publish_many(items, timeout=60)
+    status = agent.wait_status(
+        lambda s: s["queue"]["depth"] >= base + 5000, 30, what="5000 local messages in the outbox"
+    )
+    assert status["uplink"]["state"] == "offline"
+    assert status["local"]["state"] == "online"
+
+    cloud.start()
+    sent = set(items)
+    _wait_cloud_got(cloud_sub, sent, timeout=60)
+    _assert_forwarded_as_sent(cloud_sub, sent)
+    assert len(_distinct_data(cloud_sub)) == 5000
+    final = agent.wait_drained(timeout=10)
+    assert final["queue"]["dropped"] == 0 and total(final["local"]["rejected"]) == 0
+
+
+@pytest.mark.parametrize("protocol", ["5", "3.1.1"])
+def test_local_messages_survive_kill9_of_the_agent_mid_stream(
+    protocol: str,
+    broker_factory: BrokerFactory,
+    agent_factory: AgentFactory,
+    mqtt_clients: MqttClients,
+) -> None:
+    local = broker_factory(name="local")
+    local.start()
+    cloud = broker_factory(name="cloud")
+    cloud_sub = mqtt_clients.primed_subscriber(cloud, UP + "#")
+    agent = agent_factory(cloud, overrides=_local(local, protocol=protocol))
+    pub = mqtt_clients.publisher(local, protocol=protocol)
+    _await_forwarding(pub, lambda: agent.status()["queue"]["depth"] >= 1)
+    base = agent.status()["queue"]["depth"]
+
+    items = _payloads(5000)
+    progress = [0]
+    failure: list[BaseException] = []
+
+    def produce() -> None:
+        # About 1000 a second: the kill and the restart both fall inside the stream.
+        try:
+            infos = []
+            for n, (topic, payload) in enumerate(items, 1):
+                infos.append(pub.send(topic, payload))
+                progress[0] = n
+                if n % 50 == 0:
+                    time.sleep(0.05)
+            pub.wait_acked(infos, timeout=60)
+        except BaseException as exc:
+            failure.append(exc)
+
+    producer = threading.Thread(target=produce, name="local-producer", daemon=True)
+    producer.start()
+    try:
+        agent.wait_status(
+            lambda s: s["queue"]["depth"] >= base + 1000, 20, what="1000 messages committed"
+        )
+        agent.kill9()
+        killed_at = progress[0]
+        agent.start()
+    finally:
+        producer.join(timeout=60)
+    assert not producer.is_alive(), "the local publisher did not finish"
+    assert not failure, f"local publisher failed: {failure[0]!r}"
+    assert killed_at < 5000, "the publisher had finished before the kill: nothing was mid-stream"
+
+    cloud.start()
+    sent = set(items)
+    _wait_cloud_got(cloud_sub, sent, timeout=60)
+    copies = _assert_forwarded_as_sent(cloud_sub, sent)
+    assert len(_distinct_data(cloud_sub)) == 5000
+    # Only what the broker had sent the agent but not got a PUBACK for comes twice.
+    assert copies - 5000 <= LOCAL_INFLIGHT, f"{copies - 5000} duplicates"
+
+
+def test_reject_holds_local_messages_unacknowledged_until_the_outbox_has_room(
+    broker_factory: BrokerFactory, agent_factory: AgentFactory, mqtt_clients: MqttClients
+) -> None:
+    local = broker_factory(name="local")
+    local.start()
+    cloud = broker_factory(name="cloud")
+    cloud_sub = mqtt_clients.primed_subscriber(cloud, UP + "#")
+    max_bytes = 64 * 1024
+    agent = agent_factory(
+        cloud,
+        overrides={**_local(local), "queue": {"max_bytes": "64KiB", "on_full": "reject"}},
+    )
+    pub = mqtt_clients.publisher(local)
+    _await_forwarding(pub, lambda: agent.status()["queue"]["depth"] >= 1)
+
+    items = _payloads(600, size=400)  # about 250 KB: four times what the outbox takes
+    pub.publish_many(items, timeout=30)  # the local broker took them all
+    held = agent.wait_status(
+        lambda s: s["local"]["held"] > 0, 15, what="the agent holding a message back"
+    )
+    queue = held["queue"]
+    assert queue["bytes"] <= max_bytes, queue
+    assert queue["depth"] < 600, queue
+    assert queue["dropped"] == 0 and total(held["local"]["rejected"]) == 0
+
+    cloud.start()
+    sent = set(items)
+    _wait_cloud_got(cloud_sub, sent, timeout=60)
+    _assert_forwarded_as_sent(cloud_sub, sent)
+    final = agent.wait_status(
+        lambda s: s["queue"]["depth"] == 0 and s["local"]["held"] == 0, 15, what="all drained"
+    )
+    assert final["queue"]["dropped"] == 0 and total(final["local"]["rejected"]) == 0
+
+
+def test_agent_runs_with_the_local_broker_down_and_forwards_once_it_starts(
+    broker_factory: BrokerFactory, agent_factory: AgentFactory, mqtt_clients: MqttClients
+) -> None:
+    local = broker_factory(name="local")  # port reserved, nothing listens
+    cloud = broker_factory(name="cloud")
+    cloud.start()
+    cloud_sub = mqtt_clients.subscriber(cloud, UP + "#")
+    agent = agent_factory(cloud, overrides=_local(local))
+    agent.wait_online()
+    down = agent.wait_status(
+        lambda s: s["local"]["state"] == "offline" and s["local"]["last_error"] is not None,
+        10,
+        what="local offline with its last error",
+    )["local"]
+    assert isinstance(down["last_error"], str) and down["last_error"]
+    assert down["url"] == local.url
+    assert agent.publish_ok("sensors/api", "socket still serves")["seq"] >= 1
+
+    local.start()
+    up = agent.wait_status(lambda s: s["local"]["state"] == "online", 10, what="local online")
+    assert up["local"]["connects"] >= 1
+    pub = mqtt_clients.publisher(local)
+    _await_forwarding(pub, lambda: bool(cloud_sub.on(UP + PROBE)))
+    items = _payloads(20)
+    pub.publish_many(items)
+    _wait_cloud_got(cloud_sub, set(items), timeout=15)
+    agent.assert_alive()
+
+
+def test_a_topic_outside_forward_is_not_forwarded(
+    broker_factory: BrokerFactory, agent_factory: AgentFactory, mqtt_clients: MqttClients
+) -> None:
+    local = broker_factory(name="local")
+    local.start()
+    cloud = broker_factory(name="cloud")
+    cloud.start()
+    cloud_sub = mqtt_clients.subscriber(cloud, UP + "#")
+    agent = agent_factory(cloud, overrides=_local(local, forward=("sensors/#", "alarms/+")))
+    pub = mqtt_clients.publisher(local)
+    _await_forwarding(pub, lambda: bool(cloud_sub.on(UP + PROBE)))
+
+    pub.publish("other/x", b"not forwarded")
+    pub.publish("alarms/door/deep", b"not forwarded either")  # + is one level
+    pub.publish("alarms/door", b"forwarded")
+    # The local broker delivers to the agent in order and the outbox is FIFO:
+    # once this one is at the cloud, the two before it would have been too.
+    pub.publish("sensors/fence", b"fence")
+    cloud_sub.wait_for_topic(UP + "sensors/fence", timeout=15)
+
+    topics = {env.topic for _, env in _decoded(cloud_sub.messages)}
+    assert topics == {"alarms/door", "sensors/fence"}
+    assert total(agent.status()["local"]["rejected"]) == 0
+
+
+def test_mqtt5_content_type_and_expiry_carry_into_the_envelope(
+    broker_factory: BrokerFactory, agent_factory: AgentFactory, mqtt_clients: MqttClients
+) -> None:
+    local = broker_factory(name="local")
+    local.start()
+    cloud = broker_factory(name="cloud")
+    cloud.start()
+    cloud_sub = mqtt_clients.subscriber(cloud, UP + "#")
+    agent = agent_factory(cloud, overrides=_local(local))
+    pub = mqtt_clients.publisher(local)
+    _await_forwarding(pub, lambda: bool(cloud_sub.on(UP + PROBE)))
+
+    pub.publish("sensors/json", b'{"t": 21.5}', content_type="application/json")
+    pub.publish("sensors/raw", b"\x01\x02")
+    pub.publish("sensors/brief", b"soon stale", expiry=3600)
+    cloud_sub.wait_for_topic(UP + "sensors/brief", timeout=15)
+
+    envs = {env.topic: env for _, env in _decoded(cloud_sub.messages)}
+    assert envs["sensors/json"].ct == "application/json"
+    assert envs["sensors/json"].data == b'{"t": 21.5}'
+    assert envs["sensors/raw"].ct == "application/octet-stream"
+    assert envs["sensors/raw"].data == b"\x01\x02" and envs["sensors/raw"].exp is None
+    brief = envs["sensors/brief"]
+    assert brief.exp is not None and abs(brief.exp - (brief.ts + 3600)) < 2.0
+    agent.assert_alive()
+
+
+def test_a_local_message_the_outbox_can_never_take_is_acknowledged_dropped_and_counted(
+    broker_factory: BrokerFactory, agent_factory: AgentFactory, mqtt_clients: MqttClients
+) -> None:
+    local = broker_factory(name="local")
+    local.start()
+    cloud = broker_factory(name="cloud")
+    cloud.start()
+    cloud_sub = mqtt_clients.subscriber(cloud, UP + "#")
+    agent = agent_factory(
+        cloud,
+        overrides={**_local(local, forward=("#",)), "queue": {"max_message_bytes": "4KiB"}},
+    )
+    pub = mqtt_clients.publisher(local)
+    _await_forwarding(pub, lambda: bool(cloud_sub.on(UP + PROBE)))
+
+    pub.publish("sensors/big", b"x" * 8192)
+    pub.publish("/abs/t", b"a leading slash")
+    pub.publish("sensors/fence", b"fence")
+    cloud_sub.wait_for_topic(UP + "sensors/fence", timeout=15)
+    status = agent.wait_status(
+        lambda s: total(s["local"]["rejected"]) >= 2, 10, what="two local messages rejected"
+    )
+    assert total(status["local"]["rejected"]) == 2 and status["local"]["held"] == 0
+    topics = {env.topic for _, env in _decoded(cloud_sub.messages)}
+    assert topics == {"sensors/fence"}
+
+    # Acknowledged: after a restart the local broker has nothing of them to send again.
+    agent.restart()
+    pub.publish("sensors/fence2", b"fence 2")
+    cloud_sub.wait_for_topic(UP + "sensors/fence2", timeout=15)
+    assert total(agent.status()["local"]["rejected"]) == 0
+
+
+def test_a_filter_dropped_from_forward_is_unsubscribed_at_the_next_start(
+    broker_factory: BrokerFactory, agent_factory: AgentFactory, mqtt_clients: MqttClients
+) -> None:
+    local = broker_factory(name="local", extra=["log_type all"])  # logs each UNSUBSCRIBE
+    local.start()
+    cloud = broker_factory(name="cloud")
+    cloud.start()
+    cloud_sub = mqtt_clients.subscriber(cloud, UP + "#")
+    first = agent_factory(
+        cloud, overrides=_local(local, forward=("sensors/#", "alarms/#")), name="agent"
+    )
+    pub = mqtt_clients.publisher(local)
+    _await_forwarding(pub, lambda: bool(cloud_sub.on(UP + PROBE)))
+    pub.publish("alarms/door", b"while alarms/# is forwarded")
+    cloud_sub.wait_for_topic(UP + "alarms/door", timeout=15)
+    assert first.terminate() == 0
+
+    # Away, the session still holds alarms/#: the broker keeps this one for the agent.
+    pub.publish("alarms/window", b"queued for the old subscription")
+    second = agent_factory(cloud, overrides=_local(local), name="agent")  # sensors/# only
+    second.wait_status(lambda s: s["local"]["state"] == "online", 10, what="local online")
+    pub.publish("alarms/gate", b"after the unsubscribe")
+    pub.publish("sensors/fence", b"fence")
+    cloud_sub.wait_for_topic(UP + "sensors/fence", timeout=15)
+
+    topics = [env.topic for _, env in _decoded(cloud_sub.messages)]
+    assert "alarms/window" not in topics and "alarms/gate" not in topics, topics
+    assert topics.count("alarms/door") >= 1
+    # mosquitto (log_type all) logs each filter of an UNSUBSCRIBE on the line after it.
+    lines = local.log_path.read_text(errors="replace").splitlines()
+    dropped = [
+        after.split("\t", 1)[-1].strip()
+        for line, after in itertools.pairwise(lines)
+        if "Received UNSUBSCRIBE from edge-agent-node-a" in line
+    ]
+    assert dropped == ["alarms/#"], dropped

@@ -116,6 +116,9 @@ class _BufferedClient(paho.Client):
             data = super()._sock_recv(self._READ)  # BlockingIOError when there is none
             if not data:
                 return data  # end of stream
+            pending = getattr(self._sock, "pending", None)  # TLS: decrypted, not yet read
+            while pending is not None and pending() > 0:
+                data += super()._sock_recv(self._READ)
             self._rbuf, self._rpos = data, 0
         start = self._rpos
         self._rpos = min(start + bufsize, len(self._rbuf))

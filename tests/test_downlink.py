@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import time
+from collections.abc import Callable
 from typing import Any
 
 import cbor2
@@ -25,6 +26,8 @@ from tests.support.localpub import MqttClients, Publisher, down_envelope, probe_
 NODE = "node-a"
 UP = f"edge/v1/nodes/{NODE}/up/"
 DOWN = f"edge/v1/nodes/{NODE}/down/"
+
+AgentStarter = Callable[..., Agent]
 
 
 def _local(
@@ -42,13 +45,34 @@ def _local(
     }
 
 
+@pytest.fixture
+def local(broker_factory: BrokerFactory) -> Broker:
+    """The local broker, NOT started: a test starts or primes it."""
+    return broker_factory(name="local")
+
+
+@pytest.fixture
+def cloud(broker_factory: BrokerFactory) -> Broker:
+    """The cloud broker, running."""
+    broker = broker_factory(name="cloud")
+    broker.start()
+    return broker
+
+
+@pytest.fixture
+def app(cloud: Broker, mqtt_clients: MqttClients) -> Publisher:
+    """The cloud application, connected to `cloud`, sending down messages."""
+    return mqtt_clients.publisher(cloud)
+
+
 def _down(agent: Agent) -> dict[str, Any]:
+    """The `down` section of the agent's status."""
     section: dict[str, Any] = agent.status()["down"]
     return section
 
 
-def _await_down_subscription(agent: Agent, app: Publisher) -> int:
-    """Send probes on down/probe/N until the agent has stored one; return `down.received`.
+def _await_down_subscription(agent: Agent, app: Publisher) -> None:
+    """Send probes on down/probe/N until the agent has stored one.
 
     The probes' local topics match no filter the tests subscribe to.
     """
@@ -58,7 +82,23 @@ def _await_down_subscription(agent: Agent, app: Publisher) -> int:
         timeout=15,
         what="the agent's down subscription",
     )
-    return int(_down(agent)["received"])
+
+
+@pytest.fixture
+def start_agent(agent_factory: AgentFactory, cloud: Broker, app: Publisher) -> AgentStarter:
+    """start_agent(local, **local_keys): an agent on `cloud` taking down messages from `app`.
+
+    It has the [local] section for `local` (None: no local bus) and is online,
+    and one of `app`'s probes has reached it, so its down subscription exists.
+    """
+
+    def start(local: Broker | None, **local_keys: Any) -> Agent:
+        agent = agent_factory(cloud, overrides=_local(local, **local_keys))
+        agent.wait_online()
+        _await_down_subscription(agent, app)
+        return agent
+
+    return start
 
 
 def _wait_received(agent: Agent, count: int, timeout: float = 10.0) -> dict[str, Any]:
@@ -81,16 +121,11 @@ def _read_event(api: ApiClient) -> dict[str, Any]:
 
 
 def test_down_message_sent_while_the_local_broker_is_down_is_delivered_when_it_starts(
-    broker_factory: BrokerFactory, agent_factory: AgentFactory, mqtt_clients: MqttClients
+    local: Broker, app: Publisher, start_agent: AgentStarter, mqtt_clients: MqttClients
 ) -> None:
-    local = broker_factory(name="local")
     local_sub = mqtt_clients.primed_subscriber(local, "cmd/#")
-    cloud = broker_factory(name="cloud")
-    cloud.start()
-    agent = agent_factory(cloud, overrides=_local(local))
-    agent.wait_online()
-    app = mqtt_clients.publisher(cloud)
-    received = _await_down_subscription(agent, app)
+    agent = start_agent(local)
+    received = _down(agent)["received"]
 
     app.publish(DOWN + "cmd/valve", cbor2.dumps({"v": 1, "data": "open", "ct": "text/plain"}))
     stored = _wait_received(agent, received + 1)
@@ -109,19 +144,15 @@ def test_down_message_sent_while_the_local_broker_is_down_is_delivered_when_it_s
 
 
 def test_down_message_reaches_a_socket_subscriber_while_the_local_broker_is_down(
-    broker_factory: BrokerFactory, agent_factory: AgentFactory, mqtt_clients: MqttClients
+    local: Broker, cloud: Broker, app: Publisher, agent_factory: AgentFactory
 ) -> None:
-    local = broker_factory(name="local")  # never started
-    cloud = broker_factory(name="cloud")
-    cloud.start()
-    agent = agent_factory(cloud, overrides=_local(local))
+    agent = agent_factory(cloud, overrides=_local(local))  # `local` is never started
     agent.wait_online()
     assert_error(agent.request({"op": "subscribe", "filter": "cmd/#/x"}), "bad_request")
     with agent.connect(timeout=15) as stream:
         answer = stream.request({"op": "subscribe", "filter": "cmd/#"})
         assert answer.get("ok") is True and answer.get("filter") == "cmd/#", answer
         agent.wait_status(lambda s: s["down"]["subscribers"] == 1, 5, what="one subscriber")
-        app = mqtt_clients.publisher(cloud)
         _await_down_subscription(agent, app)
 
         app.publish(DOWN + "other/y", down_envelope("not for this filter"))
@@ -142,14 +173,10 @@ def test_down_message_reaches_a_socket_subscriber_while_the_local_broker_is_down
 
 
 def test_with_no_local_bus_a_down_message_waits_for_a_socket_subscriber(
-    broker_factory: BrokerFactory, agent_factory: AgentFactory, mqtt_clients: MqttClients
+    app: Publisher, start_agent: AgentStarter
 ) -> None:
-    cloud = broker_factory(name="cloud")
-    cloud.start()
-    agent = agent_factory(cloud, overrides=_local(None))
-    agent.wait_online()
-    app = mqtt_clients.publisher(cloud)
-    received = _await_down_subscription(agent, app)
+    agent = start_agent(None)
+    received = _down(agent)["received"]
     message_id = bytes(range(16))
     app.publish(DOWN + "cmd/late", down_envelope("kept", id=message_id))
     _wait_received(agent, received + 1)
@@ -166,18 +193,15 @@ def test_with_no_local_bus_a_down_message_waits_for_a_socket_subscriber(
 @pytest.mark.parametrize("stop", ["kill9", "sigterm"])
 def test_down_message_survives_an_agent_restart_in_the_inbox(
     stop: str,
-    broker_factory: BrokerFactory,
-    agent_factory: AgentFactory,
+    local: Broker,
+    cloud: Broker,
+    app: Publisher,
+    start_agent: AgentStarter,
     mqtt_clients: MqttClients,
 ) -> None:
-    local = broker_factory(name="local")
     local_sub = mqtt_clients.primed_subscriber(local, "cmd/#")
-    cloud = broker_factory(name="cloud")
-    cloud.start()
-    agent = agent_factory(cloud, overrides=_local(local))
-    agent.wait_online()
-    app = mqtt_clients.publisher(cloud)
-    received = _await_down_subscription(agent, app)
+    agent = start_agent(local)
+    received = _down(agent)["received"]
 
     app.publish(DOWN + "cmd/valve", down_envelope("close"))
     stored = _wait_received(agent, received + 1)
@@ -201,15 +225,14 @@ def test_down_message_survives_an_agent_restart_in_the_inbox(
 @pytest.mark.parametrize("protocol", ["5", "3.1.1"])
 def test_a_down_message_delivered_locally_is_not_forwarded_back_up(
     protocol: str,
-    broker_factory: BrokerFactory,
+    local: Broker,
+    cloud: Broker,
+    app: Publisher,
     agent_factory: AgentFactory,
     mqtt_clients: MqttClients,
 ) -> None:
-    local = broker_factory(name="local")
     local.start()
     local_sub = mqtt_clients.subscriber(local, "cmd/#", protocol=protocol)
-    cloud = broker_factory(name="cloud")
-    cloud.start()
     cloud_sub = mqtt_clients.subscriber(cloud, UP + "#")
     agent = agent_factory(cloud, overrides=_local(local, forward=("#",), protocol=protocol))
     agent.wait_online()
@@ -220,7 +243,6 @@ def test_a_down_message_delivered_locally_is_not_forwarded_back_up(
         timeout=15,
         what="the agent's local subscription",
     )
-    app = mqtt_clients.publisher(cloud)
     _await_down_subscription(agent, app)
 
     app.publish(DOWN + "cmd/loop", down_envelope("loop-me"))
@@ -246,17 +268,11 @@ def test_a_down_message_delivered_locally_is_not_forwarded_back_up(
 
 
 def test_malformed_down_payloads_are_rejected_counted_and_the_next_is_delivered(
-    broker_factory: BrokerFactory, agent_factory: AgentFactory, mqtt_clients: MqttClients
+    local: Broker, app: Publisher, start_agent: AgentStarter, mqtt_clients: MqttClients
 ) -> None:
-    local = broker_factory(name="local")
     local.start()
     local_sub = mqtt_clients.subscriber(local, "cmd/#")
-    cloud = broker_factory(name="cloud")
-    cloud.start()
-    agent = agent_factory(cloud, overrides=_local(local))
-    agent.wait_online()
-    app = mqtt_clients.publisher(cloud)
-    _await_down_subscription(agent, app)
+    agent = start_agent(local)
     assert total(_down(agent)["rejected"]) == 0
 
     app.publish(DOWN + "cmd/bad1", b"\xff\xff not cbor")
@@ -279,17 +295,11 @@ def test_malformed_down_payloads_are_rejected_counted_and_the_next_is_delivered(
 
 
 def test_down_data_becomes_the_local_payload_with_its_content_type(
-    broker_factory: BrokerFactory, agent_factory: AgentFactory, mqtt_clients: MqttClients
+    local: Broker, app: Publisher, start_agent: AgentStarter, mqtt_clients: MqttClients
 ) -> None:
-    local = broker_factory(name="local")
     local.start()
     local_sub = mqtt_clients.subscriber(local, "cmd/#")
-    cloud = broker_factory(name="cloud")
-    cloud.start()
-    agent = agent_factory(cloud, overrides=_local(local))
-    agent.wait_online()
-    app = mqtt_clients.publisher(cloud)
-    _await_down_subscription(agent, app)
+    start_agent(local)
 
     app.publish(DOWN + "cmd/text", down_envelope("héllo"))
     app.publish(DOWN + "cmd/bytes", down_envelope(b"\x00\xff"))
@@ -310,16 +320,10 @@ def test_down_data_becomes_the_local_payload_with_its_content_type(
 
 
 def test_expired_and_oversized_down_messages_are_dropped_and_counted(
-    broker_factory: BrokerFactory, agent_factory: AgentFactory, mqtt_clients: MqttClients
+    local: Broker, app: Publisher, start_agent: AgentStarter, mqtt_clients: MqttClients
 ) -> None:
-    local = broker_factory(name="local")
     local_sub = mqtt_clients.primed_subscriber(local, "cmd/#")
-    cloud = broker_factory(name="cloud")
-    cloud.start()
-    agent = agent_factory(cloud, overrides=_local(local))
-    agent.wait_online()
-    app = mqtt_clients.publisher(cloud)
-    _await_down_subscription(agent, app)
+    agent = start_agent(local)
     assert _down(agent)["expired"] == 0
 
     app.publish(DOWN + "cmd/stale", down_envelope("stale", exp=time.time() - 10))

@@ -19,7 +19,7 @@ import pytest
 
 from edge.envelope import Envelope
 from tests.conftest import AgentFactory, BrokerFactory
-from tests.support.agent import Overrides
+from tests.support.agent import Agent, Overrides
 from tests.support.broker import Broker
 from tests.support.localpub import (
     MqttClients,
@@ -58,6 +58,67 @@ def _await_forwarding(pub: Publisher, forwarded: Callable[[], bool]) -> None:
         timeout=15,
         what="the agent's local subscription",
     )
+
+
+@pytest.fixture
+def local(broker_factory: BrokerFactory) -> Broker:
+    """The local broker, running."""
+    broker = broker_factory(name="local")
+    broker.start()
+    return broker
+
+
+@pytest.fixture
+def cloud(broker_factory: BrokerFactory) -> Broker:
+    """The cloud broker, NOT started: start_forwarding() or the test starts it."""
+    return broker_factory(name="cloud")
+
+
+Forwarding = tuple[Agent, Publisher, RawSubscriber]
+ForwardingStarter = Callable[..., Forwarding]
+
+
+@pytest.fixture
+def start_forwarding(
+    cloud: Broker, agent_factory: AgentFactory, mqtt_clients: MqttClients
+) -> ForwardingStarter:
+    """start_forwarding(local, cloud_running=..., ...): (agent, local program, cloud subscriber).
+
+    The cloud subscriber's session exists before the agent starts; with
+    cloud_running=False the cloud broker is left stopped. The agent forwards
+    `forward` from `local`, with `protocol` (the program's too) and the `queue`
+    section in its config when given, and has forwarded one of the program's
+    probes: to the cloud subscriber while the cloud runs, into its outbox while
+    it does not.
+    """
+
+    def start(
+        local: Broker,
+        *,
+        cloud_running: bool,
+        forward: tuple[str, ...] = ("sensors/#",),
+        protocol: str | None = None,
+        queue: dict[str, Any] | None = None,
+        name: str | None = None,
+    ) -> Forwarding:
+        if cloud_running:
+            cloud.start()
+            cloud_sub = mqtt_clients.subscriber(cloud, UP + "#")
+        else:
+            cloud_sub = mqtt_clients.primed_subscriber(cloud, UP + "#")
+        local_keys = {} if protocol is None else {"protocol": protocol}
+        overrides: dict[str, Any] = {**_local(local, forward, **local_keys)}
+        if queue is not None:
+            overrides["queue"] = queue
+        agent = agent_factory(cloud, overrides=overrides, name=name)
+        pub = mqtt_clients.publisher(local, protocol=protocol or "5")
+        if cloud_running:
+            _await_forwarding(pub, lambda: bool(cloud_sub.on(UP + PROBE)))
+        else:
+            _await_forwarding(pub, lambda: agent.status()["queue"]["depth"] >= 1)
+        return agent, pub, cloud_sub
+
+    return start
 
 
 def _decoded(messages: list[RawMessage]) -> list[tuple[RawMessage, Envelope]]:
@@ -109,15 +170,9 @@ def _assert_forwarded_as_sent(sub: RawSubscriber, sent: set[tuple[str, bytes]]) 
 
 
 def test_local_messages_published_while_the_cloud_is_down_all_reach_the_cloud(
-    broker_factory: BrokerFactory, agent_factory: AgentFactory, mqtt_clients: MqttClients
+    local: Broker, cloud: Broker, start_forwarding: ForwardingStarter
 ) -> None:
-    local = broker_factory(name="local")
-    local.start()
-    cloud = broker_factory(name="cloud")
-    cloud_sub = mqtt_clients.primed_subscriber(cloud, UP + "#")
-    agent = agent_factory(cloud, overrides=_local(local))
-    pub = mqtt_clients.publisher(local)
-    _await_forwarding(pub, lambda: agent.status()["queue"]["depth"] >= 1)
+    agent, pub, cloud_sub = start_forwarding(local, cloud_running=False)
     base = agent.status()["queue"]["depth"]
 
     items = _payloads(5000)
@@ -139,18 +194,9 @@ def test_local_messages_published_while_the_cloud_is_down_all_reach_the_cloud(
 
 @pytest.mark.parametrize("protocol", ["5", "3.1.1"])
 def test_local_messages_survive_kill9_of_the_agent_mid_stream(
-    protocol: str,
-    broker_factory: BrokerFactory,
-    agent_factory: AgentFactory,
-    mqtt_clients: MqttClients,
+    protocol: str, local: Broker, cloud: Broker, start_forwarding: ForwardingStarter
 ) -> None:
-    local = broker_factory(name="local")
-    local.start()
-    cloud = broker_factory(name="cloud")
-    cloud_sub = mqtt_clients.primed_subscriber(cloud, UP + "#")
-    agent = agent_factory(cloud, overrides=_local(local, protocol=protocol))
-    pub = mqtt_clients.publisher(local, protocol=protocol)
-    _await_forwarding(pub, lambda: agent.status()["queue"]["depth"] >= 1)
+    agent, pub, cloud_sub = start_forwarding(local, cloud_running=False, protocol=protocol)
     base = agent.status()["queue"]["depth"]
 
     items = _payloads(5000)
@@ -195,19 +241,12 @@ def test_local_messages_survive_kill9_of_the_agent_mid_stream(
 
 
 def test_reject_holds_local_messages_unacknowledged_until_the_outbox_has_room(
-    broker_factory: BrokerFactory, agent_factory: AgentFactory, mqtt_clients: MqttClients
+    local: Broker, cloud: Broker, start_forwarding: ForwardingStarter
 ) -> None:
-    local = broker_factory(name="local")
-    local.start()
-    cloud = broker_factory(name="cloud")
-    cloud_sub = mqtt_clients.primed_subscriber(cloud, UP + "#")
     max_bytes = 64 * 1024
-    agent = agent_factory(
-        cloud,
-        overrides={**_local(local), "queue": {"max_bytes": "64KiB", "on_full": "reject"}},
+    agent, pub, cloud_sub = start_forwarding(
+        local, cloud_running=False, queue={"max_bytes": "64KiB", "on_full": "reject"}
     )
-    pub = mqtt_clients.publisher(local)
-    _await_forwarding(pub, lambda: agent.status()["queue"]["depth"] >= 1)
 
     items = _payloads(600, size=400)  # about 250 KB: four times what the outbox takes
     pub.publish_many(items, timeout=30)  # the local broker took them all
@@ -230,10 +269,12 @@ def test_reject_holds_local_messages_unacknowledged_until_the_outbox_has_room(
 
 
 def test_agent_runs_with_the_local_broker_down_and_forwards_once_it_starts(
-    broker_factory: BrokerFactory, agent_factory: AgentFactory, mqtt_clients: MqttClients
+    cloud: Broker,
+    broker_factory: BrokerFactory,
+    agent_factory: AgentFactory,
+    mqtt_clients: MqttClients,
 ) -> None:
     local = broker_factory(name="local")  # port reserved, nothing listens
-    cloud = broker_factory(name="cloud")
     cloud.start()
     cloud_sub = mqtt_clients.subscriber(cloud, UP + "#")
     agent = agent_factory(cloud, overrides=_local(local))
@@ -259,16 +300,11 @@ def test_agent_runs_with_the_local_broker_down_and_forwards_once_it_starts(
 
 
 def test_a_topic_outside_forward_is_not_forwarded(
-    broker_factory: BrokerFactory, agent_factory: AgentFactory, mqtt_clients: MqttClients
+    local: Broker, start_forwarding: ForwardingStarter
 ) -> None:
-    local = broker_factory(name="local")
-    local.start()
-    cloud = broker_factory(name="cloud")
-    cloud.start()
-    cloud_sub = mqtt_clients.subscriber(cloud, UP + "#")
-    agent = agent_factory(cloud, overrides=_local(local, forward=("sensors/#", "alarms/+")))
-    pub = mqtt_clients.publisher(local)
-    _await_forwarding(pub, lambda: bool(cloud_sub.on(UP + PROBE)))
+    agent, pub, cloud_sub = start_forwarding(
+        local, cloud_running=True, forward=("sensors/#", "alarms/+")
+    )
 
     pub.publish("other/x", b"not forwarded")
     pub.publish("alarms/door/deep", b"not forwarded either")  # + is one level
@@ -284,16 +320,9 @@ def test_a_topic_outside_forward_is_not_forwarded(
 
 
 def test_mqtt5_content_type_and_expiry_carry_into_the_envelope(
-    broker_factory: BrokerFactory, agent_factory: AgentFactory, mqtt_clients: MqttClients
+    local: Broker, start_forwarding: ForwardingStarter
 ) -> None:
-    local = broker_factory(name="local")
-    local.start()
-    cloud = broker_factory(name="cloud")
-    cloud.start()
-    cloud_sub = mqtt_clients.subscriber(cloud, UP + "#")
-    agent = agent_factory(cloud, overrides=_local(local))
-    pub = mqtt_clients.publisher(local)
-    _await_forwarding(pub, lambda: bool(cloud_sub.on(UP + PROBE)))
+    agent, pub, cloud_sub = start_forwarding(local, cloud_running=True)
 
     pub.publish("sensors/json", b'{"t": 21.5}', content_type="application/json")
     pub.publish("sensors/raw", b"\x01\x02")
@@ -311,19 +340,11 @@ def test_mqtt5_content_type_and_expiry_carry_into_the_envelope(
 
 
 def test_a_local_message_the_outbox_can_never_take_is_acknowledged_dropped_and_counted(
-    broker_factory: BrokerFactory, agent_factory: AgentFactory, mqtt_clients: MqttClients
+    local: Broker, start_forwarding: ForwardingStarter
 ) -> None:
-    local = broker_factory(name="local")
-    local.start()
-    cloud = broker_factory(name="cloud")
-    cloud.start()
-    cloud_sub = mqtt_clients.subscriber(cloud, UP + "#")
-    agent = agent_factory(
-        cloud,
-        overrides={**_local(local, forward=("#",)), "queue": {"max_message_bytes": "4KiB"}},
+    agent, pub, cloud_sub = start_forwarding(
+        local, cloud_running=True, forward=("#",), queue={"max_message_bytes": "4KiB"}
     )
-    pub = mqtt_clients.publisher(local)
-    _await_forwarding(pub, lambda: bool(cloud_sub.on(UP + PROBE)))
 
     pub.publish("sensors/big", b"x" * 8192)
     pub.publish("/abs/t", b"a leading slash")
@@ -344,18 +365,16 @@ def test_a_local_message_the_outbox_can_never_take_is_acknowledged_dropped_and_c
 
 
 def test_a_filter_dropped_from_forward_is_unsubscribed_at_the_next_start(
-    broker_factory: BrokerFactory, agent_factory: AgentFactory, mqtt_clients: MqttClients
+    cloud: Broker,
+    broker_factory: BrokerFactory,
+    agent_factory: AgentFactory,
+    start_forwarding: ForwardingStarter,
 ) -> None:
     local = broker_factory(name="local", extra=["log_type all"])  # logs each UNSUBSCRIBE
     local.start()
-    cloud = broker_factory(name="cloud")
-    cloud.start()
-    cloud_sub = mqtt_clients.subscriber(cloud, UP + "#")
-    first = agent_factory(
-        cloud, overrides=_local(local, forward=("sensors/#", "alarms/#")), name="agent"
+    first, pub, cloud_sub = start_forwarding(
+        local, cloud_running=True, forward=("sensors/#", "alarms/#"), name="agent"
     )
-    pub = mqtt_clients.publisher(local)
-    _await_forwarding(pub, lambda: bool(cloud_sub.on(UP + PROBE)))
     pub.publish("alarms/door", b"while alarms/# is forwarded")
     cloud_sub.wait_for_topic(UP + "alarms/door", timeout=15)
     assert first.terminate() == 0

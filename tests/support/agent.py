@@ -21,6 +21,7 @@ from typing import Any
 import psutil
 
 from .net import wait_until
+from .process import read_log_tail, terminate_or_kill
 
 __all__ = ["Agent", "ApiClient", "ApiError", "render_toml"]
 
@@ -304,12 +305,7 @@ class Agent:
         if self._proc is None:
             raise RuntimeError("agent not started")
         if self._proc.poll() is None:
-            self._proc.send_signal(signal.SIGTERM)
-            try:
-                self._proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                self.kill9()
-                raise RuntimeError(f"agent ignored SIGTERM for {timeout}s") from None
+            terminate_or_kill(self._proc, timeout, "agent", kill=self.kill9)
         return self._proc.wait()
 
     def restart(self, timeout: float = _READY_TIMEOUT) -> Agent:
@@ -336,11 +332,7 @@ class Agent:
 
     def log_tail(self, lines: int = 60) -> str:
         """The last lines of the agent's output."""
-        try:
-            text = self.log_path.read_text(errors="replace")
-        except FileNotFoundError:
-            return "(no agent log)"
-        return "\n".join(text.splitlines()[-lines:])
+        return read_log_tail(self.log_path, lines, missing="(no agent log)")
 
     # -- socket API -----------------------------------------------------------
 

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .net import free_port, port_accepts
+from .process import read_log_tail, terminate_or_kill
 
 __all__ = ["Broker", "find_mosquitto"]
 
@@ -128,12 +129,7 @@ class Broker:
         if not self.running or self._proc is None:
             return
         self.resume()
-        self._proc.send_signal(signal.SIGTERM)
-        try:
-            self._proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.kill()
-            raise RuntimeError(f"mosquitto ignored SIGTERM for {timeout}s") from None
+        terminate_or_kill(self._proc, timeout, "mosquitto", kill=self.kill)
 
     def kill(self) -> None:
         """SIGKILL and reap: no persistence save beyond the last autosave."""
@@ -169,8 +165,4 @@ class Broker:
 
     def log_tail(self, lines: int = 40) -> str:
         """The last lines mosquitto logged, for failure messages."""
-        try:
-            text = self.log_path.read_text(errors="replace")
-        except FileNotFoundError:
-            return "(no mosquitto log)"
-        return "\n".join(text.splitlines()[-lines:])
+        return read_log_tail(self.log_path, lines, missing="(no mosquitto log)")

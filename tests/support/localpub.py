@@ -10,8 +10,6 @@ disconnects them at teardown.
 
 from __future__ import annotations
 
-import itertools
-import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -19,11 +17,11 @@ from typing import Any
 
 import cbor2
 import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from .broker import Broker
+from .mqttclient import PahoClient, SessionSubscriber, new_client_id
 
 __all__ = [
     "MqttClients",
@@ -35,9 +33,7 @@ __all__ = [
     "total",
 ]
 
-_SESSION_EXPIRY = 24 * 3600
 _POLL = 0.05
-_ids = itertools.count(1)
 
 
 def down_envelope(data: Any, **keys: Any) -> bytes:
@@ -75,79 +71,31 @@ def probe_until(
             raise TimeoutError(f"{what}: none of {n} probes came through within {timeout}s")
 
 
-def _make_client(client_id: str, protocol: str, persistent: bool) -> mqtt.Client:
-    if protocol == "5":
-        client = mqtt.Client(
-            CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5
-        )
-    elif protocol == "3.1.1":
-        client = mqtt.Client(
-            CallbackAPIVersion.VERSION2,
-            client_id=client_id,
-            protocol=mqtt.MQTTv311,
-            clean_session=not persistent,
-        )
-    else:
-        raise ValueError(f"protocol must be '5' or '3.1.1', got {protocol!r}")
-    # Reconnect quickly after a broker restart; a persistent session carries the messages.
-    # (paho's hint says int; it only ever sleeps for the value.)
-    client.reconnect_delay_set(min_delay=0.1, max_delay=0.5)  # type: ignore[arg-type]
-    return client
-
-
-def _connect(client: mqtt.Client, port: int, protocol: str, persistent: bool) -> None:
-    if protocol == "5":
-        props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
-        if persistent:
-            props.SessionExpiryInterval = _SESSION_EXPIRY
-        client.connect(
-            "127.0.0.1", port, keepalive=30, clean_start=not persistent, properties=props
-        )
-    else:
-        client.connect("127.0.0.1", port, keepalive=30)
-
-
-class Publisher:
+class Publisher(PahoClient):
     """A QoS 1 publisher on one broker (clean session: it keeps nothing for later)."""
 
     def __init__(self, port: int, protocol: str = "5", client_id: str | None = None) -> None:
-        self.port = port
-        self.protocol = protocol
-        self.client_id = client_id or f"test-pub-{next(_ids)}"
-        self._client = _make_client(self.client_id, protocol, persistent=False)
+        super().__init__(
+            port,
+            client_id or new_client_id("test-pub"),
+            protocol,
+            persistent=False,
+            not_ready=f"publisher not connected to port {port}",
+        )
         self._client.max_inflight_messages_set(100)
-        self._connected = threading.Event()
         self._client.on_connect = self._on_connect
         self._client.on_disconnect = self._on_disconnect
-        self._started = False
 
     def _on_connect(
         self, client: mqtt.Client, userdata: Any, flags: Any, rc: Any, props: Any
     ) -> None:
         if not rc.is_failure:
-            self._connected.set()
+            self._ready.set()
 
     def _on_disconnect(
         self, client: mqtt.Client, userdata: Any, flags: Any, rc: Any, props: Any
     ) -> None:
-        self._connected.clear()
-
-    def start(self, timeout: float = 10.0) -> Publisher:
-        """Connect and return once the broker has accepted the connection."""
-        _connect(self._client, self.port, self.protocol, persistent=False)
-        self._client.loop_start()
-        self._started = True
-        if not self._connected.wait(timeout):
-            raise TimeoutError(f"publisher not connected to port {self.port} in {timeout}s")
-        return self
-
-    def close(self) -> None:
-        """Disconnect and stop the network thread."""
-        if not self._started:
-            return
-        self._started = False
-        self._client.disconnect()
-        self._client.loop_stop()
+        self._ready.clear()
 
     def send(
         self,
@@ -204,7 +152,7 @@ class RawMessage:
     dup: bool
 
 
-class RawSubscriber:
+class RawSubscriber(SessionSubscriber):
     """A QoS 1 subscriber with a persistent session, recording payloads as they are."""
 
     def __init__(
@@ -214,50 +162,10 @@ class RawSubscriber:
         protocol: str = "5",
         client_id: str | None = None,
     ) -> None:
-        self.port = port
-        self.topic_filter = topic_filter
-        self.protocol = protocol
-        self.client_id = client_id or f"test-raw-sub-{next(_ids)}"
-        self._lock = threading.Lock()
+        super().__init__(port, topic_filter, client_id or new_client_id("test-raw-sub"), protocol)
         self._messages: list[RawMessage] = []
-        self._subscribed = threading.Event()
-        self._client = _make_client(self.client_id, protocol, persistent=True)
-        self._client.on_connect = self._on_connect
-        self._client.on_subscribe = self._on_subscribe
-        self._client.on_message = self._on_message
-        self._started = False
-
-    def start(self, timeout: float = 10.0) -> RawSubscriber:
-        """Connect, subscribe, and return once the broker has granted the subscription."""
-        _connect(self._client, self.port, self.protocol, persistent=True)
-        self._client.loop_start()
-        self._started = True
-        if not self._subscribed.wait(timeout):
-            raise TimeoutError(f"subscription to {self.topic_filter!r} not granted in {timeout}s")
-        return self
-
-    def close(self) -> None:
-        """Disconnect (the session stays on the broker) and stop the network thread."""
-        if not self._started:
-            return
-        self._started = False
-        self._client.disconnect()
-        self._client.loop_stop()
 
     # -- paho callbacks (network thread) -------------------------------------
-
-    def _on_connect(
-        self, client: mqtt.Client, userdata: Any, flags: Any, rc: Any, props: Any
-    ) -> None:
-        if not rc.is_failure:
-            # Harmless with a present session, needed when the broker lost it.
-            client.subscribe(self.topic_filter, qos=1)
-
-    def _on_subscribe(
-        self, client: mqtt.Client, userdata: Any, mid: Any, codes: Any, props: Any
-    ) -> None:
-        if all(not code.is_failure for code in codes):
-            self._subscribed.set()
 
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
         content_type = getattr(msg.properties, "ContentType", None) if msg.properties else None

@@ -8,7 +8,6 @@ the broker accepted from the agent.
 
 from __future__ import annotations
 
-import itertools
 import threading
 import time
 from collections.abc import Iterable
@@ -17,15 +16,13 @@ from typing import Any
 
 import cbor2
 import paho.mqtt.client as mqtt
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
+
+from .mqttclient import SessionSubscriber, connect, make_client, new_client_id
 
 __all__ = ["UP_FILTER", "Received", "Subscriber", "read_status", "wait_status"]
 
 UP_FILTER = "edge/v1/nodes/+/up/#"
-_SESSION_EXPIRY = 24 * 3600
 _POLL = 0.02
-_ids = itertools.count(1)
 
 
 @dataclass(frozen=True)
@@ -38,76 +35,16 @@ class Received:
     retain: bool
 
 
-def _client(client_id: str) -> mqtt.Client:
-    client = mqtt.Client(
-        mqtt.CallbackAPIVersion.VERSION2,
-        client_id=client_id,
-        protocol=mqtt.MQTTv5,
-    )
-    # Reconnect quickly after a broker restart; the session carries the messages.
-    client.reconnect_delay_set(min_delay=0.1, max_delay=0.5)
-    return client
-
-
-class Subscriber:
+class Subscriber(SessionSubscriber):
     """A QoS 1 subscriber to `filter`, recording every envelope in arrival order."""
 
     def __init__(self, port: int, topic_filter: str = UP_FILTER, client_id: str | None = None):
-        self.port = port
-        self.topic_filter = topic_filter
-        self.client_id = client_id or f"test-sub-{next(_ids)}"
-        self._lock = threading.Lock()
+        super().__init__(port, topic_filter, client_id or new_client_id("test-sub"), "5")
         self._received: list[Received] = []
         self._distinct: set[int] = set()
         self._undecodable: list[tuple[str, bytes, str]] = []
-        self._subscribed = threading.Event()
-        self.connects = 0
-        self._client = _client(self.client_id)
-        self._client.on_connect = self._on_connect
-        self._client.on_subscribe = self._on_subscribe
-        self._client.on_message = self._on_message
-        self._started = False
-
-    # -- lifetime -----------------------------------------------------------
-
-    def start(self, timeout: float = 10.0) -> Subscriber:
-        """Connect, subscribe, and return once the broker has granted the subscription."""
-        props = Properties(PacketTypes.CONNECT)
-        props.SessionExpiryInterval = _SESSION_EXPIRY
-        self._client.connect(
-            "127.0.0.1", self.port, keepalive=30, clean_start=False, properties=props
-        )
-        self._client.loop_start()
-        self._started = True
-        if not self._subscribed.wait(timeout):
-            raise TimeoutError(f"subscription to {self.topic_filter!r} not granted in {timeout}s")
-        return self
-
-    def close(self) -> None:
-        """Disconnect and stop the network thread."""
-        if not self._started:
-            return
-        self._started = False
-        self._client.disconnect()
-        self._client.loop_stop()
 
     # -- paho callbacks (network thread) -------------------------------------
-
-    def _on_connect(
-        self, client: mqtt.Client, userdata: Any, flags: Any, rc: Any, props: Any
-    ) -> None:
-        if rc.is_failure:
-            return
-        self.connects += 1
-        # Re-subscribing on every connect is harmless with a present session and
-        # needed when the broker lost it (a kill -9 before its autosave).
-        client.subscribe(self.topic_filter, qos=1)
-
-    def _on_subscribe(
-        self, client: mqtt.Client, userdata: Any, mid: Any, codes: Any, props: Any
-    ) -> None:
-        if all(not code.is_failure for code in codes):
-            self._subscribed.set()
 
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
         try:
@@ -218,7 +155,7 @@ def read_status(port: int, node: str, timeout: float = 2.0) -> dict[str, Any] | 
     """Read the retained `edge/v1/nodes/NODE/status` with a fresh, clean client."""
     got: list[dict[str, Any]] = []
     done = threading.Event()
-    client = _client(f"test-status-{next(_ids)}")
+    client = make_client(new_client_id("test-status"))
 
     def on_connect(c: mqtt.Client, userdata: Any, flags: Any, rc: Any, props: Any) -> None:
         if not rc.is_failure:
@@ -235,7 +172,7 @@ def read_status(port: int, node: str, timeout: float = 2.0) -> dict[str, Any] | 
 
     client.on_connect = on_connect
     client.on_message = on_message
-    client.connect("127.0.0.1", port, keepalive=30, clean_start=True)
+    connect(client, port)
     client.loop_start()
     try:
         done.wait(timeout)

@@ -773,7 +773,9 @@ class Outbox:
         self._more.clear()
         out: list[OutRow] = []
         expired: list[OutRow] = []
-        cursor, rewinds = self._cursor, self._rewinds
+        # Rows at or below the mark are finished but may still be stored (bulk-deleted
+        # later): never read them, even when a rewind sent the cursor to an older mark.
+        cursor, rewinds = max(self._cursor, self._mark), self._rewinds
         self._low_insert = None
         now = self._clock()
         # Nothing is leased until the last read is done: a fetch cancelled between two

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -105,6 +107,37 @@ async def test_released_rows_are_sent_again_and_not_duplicated_in_one_fetch(tmp_
         box.release(a[1:])  # connection dropped with two unacknowledged
         b = await box.fetch(10)
         assert [Envelope.decode(r.body).data for r in b] == ["1", "2", "3", "4"]
+
+
+async def test_a_rewind_during_an_ack_commit_does_not_send_the_acked_row_again(
+        tmp_path: Path) -> None:
+    """An acknowledged row below the mark stays stored until a bulk delete: never re-read.
+
+    The ack's commit plans to move the mark over the row (it is covered, not
+    deleted); while that commit is being written, a release sends the cursor back
+    to the mark of that moment, below the row. The writer thread is held at that
+    point so the interleaving happens every time.
+    """
+    async with opened(tmp_path / "o.db") as box:
+        for i in range(3):
+            await box.put("t", str(i), "text/plain")
+        first, _second = await box.fetch(2)
+        writing, go_on = threading.Event(), threading.Event()
+        write_batch = box._write_batch
+
+        def held_write(*args: Any) -> Any:
+            writing.set()
+            go_on.wait(10)
+            return write_batch(*args)
+
+        box._write_batch = held_write  # type: ignore[method-assign]
+        committed = box.ack([first])
+        assert await asyncio.to_thread(writing.wait, 10)
+        box.release([])  # the cursor goes back to the mark, still below `first`
+        go_on.set()
+        await committed
+        again = await box.fetch(10)
+        assert [Envelope.decode(r.body).data for r in again] == ["2"]  # `_second` is leased
 
 
 async def test_ack_of_an_already_deleted_row_does_not_corrupt_counters(tmp_path: Path) -> None:

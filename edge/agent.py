@@ -45,7 +45,7 @@ class Agent:
         self.outbox = Outbox(data_dir / "outbox.db", self.node, settings.queue, clock=clock)
         self.local = LocalBus(
             settings.local, self.node, self.outbox, state_path=data_dir / "local-session.json",
-            clock=clock,
+            cloud_prefix=settings.uplink.prefix, clock=clock,
         )
         self.subscribers = Subscribers()
         self.inbox = Inbox(

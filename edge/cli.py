@@ -42,6 +42,16 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _log_lines(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if not 1 <= n <= 200:
+        raise argparse.ArgumentTypeError(f"expected a number of lines from 1 to 200, got {text!r}")
+    return n
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="edge", description="Store-and-forward agent for edge devices."
@@ -78,7 +88,7 @@ def _parser() -> argparse.ArgumentParser:
     svc.add_argument("--json", action="store_true", help="print JSON for scripts")
     logs = client("logs", "show the last lines a service printed")
     logs.add_argument("name")
-    logs.add_argument("-n", "--lines", type=int, default=50, help="how many (1 to 200)")
+    logs.add_argument("-n", "--lines", type=_log_lines, default=50, help="how many (1 to 200)")
     logs.add_argument("-f", "--follow", action="store_true",
                       help="then print new lines as they come, until interrupted")
     listen = client("subscribe", "print down messages for a topic filter as they arrive")
@@ -309,7 +319,8 @@ def _fail(answer: dict[str, Any]) -> int:
         )
     else:
         print(f"edge: {code}: {message}", file=sys.stderr)
-    return EXIT_FAIL
+    # A request the agent calls malformed is a usage error, like a bad flag.
+    return EXIT_USAGE if code in ("bad_request", "unknown_service") else EXIT_FAIL
 
 
 def _age(seconds: float | None) -> str:
@@ -367,6 +378,11 @@ def _status_table(s: dict[str, Any]) -> str:
         ("lost", f"{q['dropped']} dropped, {q['expired']} expired,"
                  f" {_count(q['dead'], 'dead letter')}"),
     ]
+    services = s.get("services")
+    if services:
+        trouble = sum(n for state, n in services.items() if state != "running")
+        line = ", ".join(f"{n} {state}" for state, n in sorted(services.items()))
+        rows.append(("services", line + ("  (edge services: why)" if trouble else "")))
     local, down = s.get("local"), s.get("down")
     if local is not None:
         line = local["state"]
@@ -406,20 +422,26 @@ def _status_table(s: dict[str, Any]) -> str:
 def _services_table(rows: list[dict[str, Any]]) -> str:
     if not rows:
         return "no services configured ([services.NAME] in the config file)"
-    header = ("NAME", "STATE", "PID", "RESTARTS", "LAST EXIT", "UPTIME", "HEALTH")
+    header = ("NAME", "STATE", "PID", "RESTARTS", "LAST EXIT", "UPTIME", "HEALTH", "REASON")
     lines = [header] + [
         (
             r["name"], r["state"], str(r.get("pid") or "-"), str(r.get("restarts", 0)),
             "-" if r.get("last_exit") is None else str(r["last_exit"]),
-            _age(r.get("uptime")), r.get("health") or "-",
+            _age(r.get("uptime")), r.get("health") or "-", _shown(r.get("reason") or "-", 60),
         )
         for r in rows
     ]
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
-    return "\n".join(
+    table = "\n".join(
         "  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip()
         for line in lines
     )
+    # Why a service is down is in its last lines: show them for the ones in trouble.
+    for r in rows:
+        if r["state"] in ("crash-looping", "failed", "unhealthy") and r.get("log_tail"):
+            table += f"\n\n{r['name']}, last lines:\n" + "\n".join(
+                f"  {_shown(line, 200)}" for line in r["log_tail"][-5:])
+    return table
 
 
 def _shown(text: str, width: int = 40) -> str:

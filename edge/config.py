@@ -26,6 +26,7 @@ from edge.settings import (
     TelemetrySettings,
     UplinkSettings,
 )
+from edge.topics import filters_overlap
 from edge.units import integer_in, parse_duration, parse_size
 
 __all__ = [
@@ -135,7 +136,27 @@ def load_settings(
                 values.setdefault(section, {})[key] = _SECTIONS[section][key](value)
             except ValueError as exc:
                 raise ConfigError(f"{flag}: {exc}") from exc
-    return _build(values, source)
+    settings = _build(values, source)
+    _check_brokers(settings, source)
+    return settings
+
+
+def _broker_of(url: str) -> tuple[str, int]:
+    _, host, port = parse_mqtt_url(url)
+    host = host.lower().strip("[]")
+    return ("loopback" if host in ("localhost", "127.0.0.1", "::1") else host), port
+
+
+def _check_brokers(settings: Settings, source: str) -> None:
+    """Refuse one broker as both the local bus and the uplink: the agent would forward
+    its own cloud traffic back up, nesting topics without end."""
+    local, cloud = settings.local.url, settings.uplink.url
+    if local and cloud and _broker_of(local) == _broker_of(cloud):
+        raise ConfigError(
+            f"config {source}: [local] url: {local!r} is the same broker as [uplink] url"
+            f" {cloud!r}; the local bus must be the device's own broker (or set"
+            ' [local] url = "" for none)'
+        )
 
 
 # -- value parsers -----------------------------------------------------------
@@ -233,9 +254,22 @@ def _client_id(value: Any) -> str:
 
 def _topic_filters(value: Any) -> tuple[str, ...]:
     if not isinstance(value, list) or not all(
-        isinstance(topic, str) and is_topic_filter(topic) for topic in value
+        isinstance(topic, str) and is_topic_filter(topic) and not topic.startswith("$")
+        for topic in value
     ):
-        raise ValueError(f'expected a list of topic filters like ["sensors/#"], got {_show(value)}')
+        raise ValueError(
+            'expected a list of topic filters like ["sensors/#"] (not starting with "$":'
+            f" such topics cannot be forwarded), got {_show(value)}"
+        )
+    for i, first in enumerate(value):
+        for second in value[i + 1:]:
+            both = filters_overlap(first, second)
+            if both is not None:
+                raise ValueError(
+                    f"expected filters that do not overlap, but {first!r} and {second!r} both"
+                    f" match {both!r} (the broker would deliver such a message twice), got"
+                    f" {_show(value)}"
+                )
     return tuple(value)
 
 
@@ -305,8 +339,9 @@ _SECTIONS: dict[str, dict[str, Parser]] = {
         "client_id": _client_id,
         "keepalive": _checked(parse_duration, "a duration from 1s to 18h",
                               lambda seconds: 1 <= seconds <= 65535),
-        "session_expiry": _checked(parse_duration, "a duration up to 4294967295s",
-                                   lambda seconds: seconds <= 0xFFFFFFFF),
+        # 0 would end the session, and what the broker keeps for the agent, at each drop.
+        "session_expiry": _checked(parse_duration, "a duration from 1s to 4294967295s",
+                                   lambda seconds: 1 <= seconds <= 0xFFFFFFFF),
         # MQTT 5 carries receive maximum in 16 bits.
         "inflight": integer_in(1, 65535),
         "backoff_initial": _checked(parse_duration, "a duration above 0s", _positive),

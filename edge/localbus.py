@@ -70,6 +70,7 @@ class LocalBus:
         outbox: Outbox,
         *,
         state_path: Path | None = None,
+        cloud_prefix: str = "edge/v1",
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.settings = settings
@@ -80,6 +81,9 @@ class LocalBus:
         self.client_id = settings.client_id or f"edge-agent-{node}"
         self.v5 = settings.protocol == "5"
         self._forward = FilterSet(settings.forward)
+        # Never forward what looks like the agent's own cloud traffic (a loop).
+        self._cloud_topics = f"{cloud_prefix}/nodes/"
+        self._resumed = False  # the broker kept our session at this connection
         self._clock = clock
         self._state = "offline" if settings.url else "disabled"
         self._since = clock()
@@ -152,14 +156,12 @@ class LocalBus:
             receive_maximum=self.settings.inflight, on_message=deliver,
         )
         connack = await conn.connect(self.settings.connect_timeout)
+        self._resumed = connack.session_present
         try:
-            await conn.subscribe(
-                self.settings.forward, no_local=True, timeout=self.settings.connect_timeout
-            )
+            await self._subscribe(conn, connack.session_present)
         except UplinkError:
             conn.abort()
             raise
-        self._forget_old_filters(conn)
         self._conn = conn
         self._connects += 1
         self._last_error = None
@@ -173,34 +175,72 @@ class LocalBus:
         closed = await conn.closed
         raise UplinkError(closed.reason)
 
-    def _forget_old_filters(self, conn: MqttConnection) -> None:
+    async def _subscribe(self, conn: MqttConnection, resumed: bool) -> None:
+        """Subscribe to `forward`, first dropping what a kept session holds from before.
+
+        The broker keeps a session's subscriptions, with the options they were made
+        with: filters since taken out of `forward` are unsubscribed, and after a
+        change of protocol (MQTT 5 *no local* or not) every one is made afresh.
+        """
+        sessions = self._read_sessions()
+        before = sessions.get(self.client_id)
+        forward = list(self.settings.forward)
+        if resumed:
+            old = [f for f in before.get("filters", []) if isinstance(f, str)] if before else []
+            same_protocol = before is not None and before.get("protocol") == self.settings.protocol
+            stale = sorted(set(old) - set(forward)) if same_protocol else sorted({*old, *forward})
+            if stale:
+                log.info("local broker: unsubscribing from %s (%s)", ", ".join(stale),
+                         "no longer in [local] forward" if same_protocol
+                         else "made afresh: the session's subscriptions are from before")
+                await conn.unsubscribe(stale, timeout=self.settings.connect_timeout)
+        if forward:
+            await conn.subscribe(forward, no_local=True, retain_once=True,
+                                 timeout=self.settings.connect_timeout)
+        now = {"protocol": self.settings.protocol, "filters": forward}
+        if before != now:
+            sessions[self.client_id] = now
+            self._write_sessions(sessions)
+
+    def _read_sessions(self) -> dict[str, dict[str, Any]]:
+        """What the agent subscribed to last time, by client id (local-session.json)."""
+        if self.state_path is None:
+            return {}
+        try:
+            record = json.loads(self.state_path.read_text())
+        except (OSError, ValueError):
+            return {}
+        sessions = record.get("sessions") if isinstance(record, dict) else None
+        if not isinstance(sessions, dict):
+            return {}
+        return {k: v for k, v in sessions.items() if isinstance(k, str) and isinstance(v, dict)}
+
+    def _write_sessions(self, sessions: dict[str, dict[str, Any]]) -> None:
         if self.state_path is None:
             return
         try:
-            before = json.loads(self.state_path.read_text())
-        except (OSError, ValueError):
-            before = {}
-        old = before.get("filters") if isinstance(before, dict) else None
-        if isinstance(old, list) and before.get("client_id") == self.client_id:
-            gone = [f for f in old if isinstance(f, str) and f not in self.settings.forward]
-            if gone:
-                log.info("local broker: unsubscribing from %s (no longer in [local] forward)",
-                         ", ".join(gone))
-                conn.unsubscribe(gone)
-        now = {"client_id": self.client_id, "filters": list(self.settings.forward)}
-        if now != before:
-            try:
-                self.state_path.write_text(json.dumps(now) + "\n")
-            except OSError as exc:
-                log.warning("cannot write %s: %s", self.state_path, exc.strerror)
+            tmp = self.state_path.with_suffix(".tmp")
+            tmp.write_text(json.dumps({"sessions": sessions}) + "\n")
+            tmp.replace(self.state_path)
+        except OSError as exc:
+            log.warning("cannot write %s: %s", self.state_path, exc.strerror)
 
     # ---- up: local messages into the outbox -----------------------------------------
 
     def _on_message(self, conn: MqttConnection, message: Inbound) -> None:
+        skip = None
         if not self._forward.matches(message.topic):
-            conn.ack(message)  # a subscription left in the session from an older config
+            skip = "outside_forward"  # a subscription another config left in the session
+        elif message.topic.startswith(self._cloud_topics):
+            skip = "agent_topic"  # the cloud's own topics: the uplink broker is this one?
+        elif not self.v5 and (message.retain and self._resumed):
+            conn.ack(message)  # 3.1.1 resends retained messages at every subscription
             return
-        if not self.v5 and self._is_own(message):
+        elif not self.v5 and self._is_own(message):
+            conn.ack(message)
+            return
+        if skip is not None:
+            self.rejected(skip, f"{message.topic!r}: not forwarded")
             conn.ack(message)
             return
         if self._held or not self._offer(conn, message):
@@ -262,8 +302,8 @@ class LocalBus:
         conn = self._conn
         if conn is None or conn.closed.done():
             return PublishResult(False, "the local broker is offline")
-        if not self.v5:
-            self._remember_own(topic, payload)
+        if not self.v5 and self._forward.matches(topic):
+            self._remember_own(topic, payload)  # it will come back to us: skip it then
         fut = conn.publish(topic, payload, content_type=ct, expiry=expiry)
         either: list[asyncio.Future[Any]] = [fut, conn.closed]
         await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)

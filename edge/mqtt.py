@@ -77,6 +77,7 @@ class Inbound:
     qos: int
     content_type: str | None = None  # MQTT 5 content type
     expiry: float | None = None  # MQTT 5 message expiry interval, seconds
+    retain: bool = False  # sent because it is retained (3.1.1: at a (re)subscription)
 
 
 def _varint_len(n: int) -> int:
@@ -205,6 +206,7 @@ class MqttConnection:
         self._client.on_disconnect = self._on_disconnect
         self._client.on_publish = self._on_publish
         self._client.on_subscribe = self._on_subscribe
+        self._client.on_unsubscribe = self._on_subscribe  # the same: codes for a mid
         self._client.on_message = self._on_message
         self._deliver = on_message
         self._client.on_socket_open = self._on_socket_open
@@ -324,6 +326,9 @@ class MqttConnection:
                     f"; another client connected with the same client id {client._client_id!r}"
                     " (is the node id unique? cloned images share /etc/machine-id)"
                 )
+        elif str(rc) == "Unspecified error":
+            # What paho says when the socket simply closed: give the user the likely story.
+            reason = "connection lost: the broker closed it, or the network between failed"
         else:
             reason = f"connection lost: {rc}"
         by_peer = not self._aborting and "keep alive" not in str(rc).lower()
@@ -342,12 +347,13 @@ class MqttConnection:
             done(PublishResult(not rc.is_failure, "" if not rc.is_failure else str(rc)))
 
     def _on_subscribe(
-        self, client: paho.Client, userdata: Any, mid: int, codes: list[ReasonCode],
+        self, client: paho.Client, userdata: Any, mid: int, codes: Any,
         props: Properties | None,
     ) -> None:
         fut = self._subscribing.pop(mid, None)
         if fut is not None and not fut.done():
-            fut.set_result([int(code.value) for code in codes])
+            # An UNSUBACK of MQTT 3.1.1 carries no codes at all.
+            fut.set_result([int(code.value) for code in codes] if isinstance(codes, list) else [])
 
     def _on_message(self, client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
         props = getattr(msg, "properties", None)
@@ -357,6 +363,7 @@ class MqttConnection:
             msg.mid, msg.topic, bytes(msg.payload), msg.qos,
             content_type if isinstance(content_type, str) else None,
             float(expiry) if isinstance(expiry, int) else None,
+            bool(msg.retain),
         )
         if self._deliver is None:
             self.ack(inbound)  # nobody asked for messages: do not hold the broker's window
@@ -436,38 +443,49 @@ class MqttConnection:
         return fut
 
     async def subscribe(
-        self, filters: Sequence[str], *, no_local: bool = False, timeout: float = 10.0
+        self, filters: Sequence[str], *, no_local: bool = False, retain_once: bool = False,
+        timeout: float = 10.0,
     ) -> list[int]:
         """Subscribe with QoS 1 and wait for the SUBACK; returns its reason codes.
 
-        `no_local` (MQTT 5) keeps the broker from sending us our own publishes.
+        MQTT 5 options: `no_local` keeps the broker from sending us our own
+        publishes; `retain_once` asks for retained messages only when the
+        subscription is new (not on every reconnect of a kept session).
         """
         topics: Any
         if self.v5:
-            topics = [(f, SubscribeOptions(qos=1, noLocal=no_local)) for f in filters]
+            options = SubscribeOptions(qos=1, noLocal=no_local, retainHandling=int(retain_once))
+            topics = [(f, options) for f in filters]
         else:
             topics = [(f, 1) for f in filters]
         rc, mid = self._client.subscribe(topics)
-        if rc != paho.MQTT_ERR_SUCCESS or mid is None:
-            raise UplinkError(f"cannot subscribe to {', '.join(filters)}: {paho.error_string(rc)}")
-        fut: asyncio.Future[list[int]] = self._loop.create_future()
-        self._subscribing[mid] = fut
-        try:
-            async with asyncio.timeout(timeout):
-                codes = await fut
-        except TimeoutError:
-            raise UplinkError(f"no SUBACK for {', '.join(filters)} within {timeout:.0f}s") from None
-        finally:
-            self._subscribing.pop(mid, None)
+        codes = await self._acknowledged(rc, mid, "subscribe to", filters, timeout)
         failed = [f for f, code in zip(filters, codes, strict=False) if code >= 0x80]
         if failed:
             raise UplinkError(f"the broker refused the subscription to {', '.join(failed)}")
         return codes
 
-    def unsubscribe(self, filters: Sequence[str]) -> None:
-        """Drop subscriptions (the UNSUBACK is not waited for)."""
-        if filters:
-            self._client.unsubscribe(list(filters))
+    async def unsubscribe(self, filters: Sequence[str], *, timeout: float = 10.0) -> None:
+        """Drop subscriptions and wait for the UNSUBACK."""
+        rc, mid = self._client.unsubscribe(list(filters))
+        await self._acknowledged(rc, mid, "unsubscribe from", filters, timeout)
+
+    async def _acknowledged(
+        self, rc: int, mid: int | None, what: str, filters: Sequence[str], timeout: float
+    ) -> list[int]:
+        if rc != paho.MQTT_ERR_SUCCESS or mid is None:
+            raise UplinkError(f"cannot {what} {', '.join(filters)}: {paho.error_string(rc)}")
+        fut: asyncio.Future[list[int]] = self._loop.create_future()
+        self._subscribing[mid] = fut
+        try:
+            async with asyncio.timeout(timeout):
+                return await fut
+        except TimeoutError:
+            raise UplinkError(
+                f"no answer to {what} {', '.join(filters)} within {timeout:.0f}s"
+            ) from None
+        finally:
+            self._subscribing.pop(mid, None)
 
     def ack(self, message: Inbound) -> None:
         """Acknowledge a delivered message (PUBACK for QoS 1); a closed link ignores it."""

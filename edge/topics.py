@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-__all__ = ["FilterSet", "topic_matches"]
+__all__ = ["FilterSet", "filters_overlap", "topic_matches"]
 
 _CACHE_MAX = 4096  # distinct topics remembered by a FilterSet
 
@@ -21,6 +21,25 @@ def topic_matches(topic_filter: str, topic: str) -> bool:
         if i >= len(have) or (level != "+" and level != have[i]):
             return False
     return len(want) == len(have)
+
+
+def filters_overlap(first: str, second: str) -> str | None:
+    """A topic that both filters match, or None when there is none."""
+    a, b = first.split("/"), second.split("/")
+    topic: list[str] = []
+    for i in range(max(len(a), len(b))):
+        x = a[i] if i < len(a) else None
+        y = b[i] if i < len(b) else None
+        if x == "#" or y == "#":
+            rest = (b if x == "#" else a)[i:]  # the other filter's remaining levels
+            topic += ["x" if level == "+" else level for level in rest if level != "#"]
+            return "/".join(topic) or "x"
+        if x is None or y is None:
+            return None  # one is longer, and the shorter has no "#"
+        if x != y and "+" not in (x, y):
+            return None
+        topic.append(y if x == "+" else x if x != "+" else "x")
+    return "/".join(topic)
 
 
 class FilterSet:

@@ -61,7 +61,7 @@ retry_max = "20s"
 
 [local]
 url = "mqtt://localhost"
-forward = ["sensors/#", "+/alarm"]
+forward = ["sensors/#", "alarms/+"]
 protocol = "3.1.1"
 client_id = "bus-7"
 keepalive = "10s"
@@ -115,7 +115,7 @@ FULL_SETTINGS = Settings(
         retry_max=20.0,
     ),
     local=LocalSettings(
-        url="mqtt://localhost", forward=("sensors/#", "+/alarm"), protocol="3.1.1",
+        url="mqtt://localhost", forward=("sensors/#", "alarms/+"), protocol="3.1.1",
         client_id="bus-7", keepalive=10.0, session_expiry=7200.0, inflight=20,
         backoff_initial=1.0, backoff_max=5.0, connect_timeout=3.0, inbox_max_bytes=1024 * 1024,
     ),
@@ -307,6 +307,13 @@ def test_services_become_specs_in_the_settings(tmp_path: Path) -> None:
         ("[local]\nforward = 'sensors/#'\n", "[local] forward", "expected a list"),
         ("[local]\nforward = ['a/#/b']\n", "[local] forward", "expected a list"),
         ("[local]\nclient_id = 'a b'\n", "[local] client_id", 'got "a b"'),
+        ("[local]\nforward = ['sensors/#', '+/alarm']\n", "[local] forward",
+         "'sensors/#' and '+/alarm' both match 'sensors/alarm'"),
+        ("[local]\nforward = ['a/+/c', 'a/b/+']\n", "[local] forward", "both match 'a/b/c'"),
+        ("[local]\nforward = ['$SYS/#']\n", "[local] forward", 'not starting with "$"'),
+        ("[local]\nsession_expiry = '0s'\n", "[local] session_expiry", "from 1s"),
+        ("[local]\nurl = 'mqtt://localhost:1884'\n[uplink]\nurl = 'mqtt://127.0.0.1:1884'\n",
+         "[local] url", "the same broker as [uplink] url"),
         ("[local]\ninflight = 0\n", "[local] inflight", "got 0"),
         ("[local]\nbackoff_initial = '40s'\n", "[local] backoff_initial", "no longer than"),
         ("[node]\nid = 'a/b'\n", "[node] id", 'A-Z a-z 0-9 _ -, got "a/b"'),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from edge.topics import FilterSet, topic_matches
+from edge.topics import FilterSet, filters_overlap, topic_matches
 
 
 @pytest.mark.parametrize(("topic_filter", "topic", "expected"), [
@@ -39,3 +39,21 @@ def test_a_filter_set_matches_any_of_its_filters_and_answers_the_same_twice() ->
         assert filters.matches("sensors/t/1")
         assert filters.matches("door/alarm")
         assert not filters.matches("door/open")
+
+
+@pytest.mark.parametrize(("first", "second", "both"), [
+    ("sensors/#", "sensors/+/temp", "sensors/x/temp"),
+    ("sensors/#", "sensors", "sensors"),
+    ("a/+", "+/b", "a/b"),
+    ("#", "x/y", "x/y"),
+    ("a/b", "a/c", None),
+    ("a", "a/b", None),
+    ("a/+", "a/+/c", None),
+    ("a/+/+", "+/b/c", "a/b/c"),
+])
+def test_overlap_names_a_topic_both_filters_match(
+        first: str, second: str, both: str | None) -> None:
+    assert filters_overlap(first, second) == both
+    assert filters_overlap(second, first) == both
+    if both is not None:
+        assert topic_matches(first, both) and topic_matches(second, both)

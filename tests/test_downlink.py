@@ -21,7 +21,14 @@ from tests.conftest import AgentFactory, BrokerFactory
 from tests.support.agent import Agent, ApiClient, Overrides
 from tests.support.broker import Broker
 from tests.support.expect import assert_error
-from tests.support.localpub import MqttClients, Publisher, down_envelope, probe_until, total
+from tests.support.localpub import (
+    MqttClients,
+    Publisher,
+    RawSubscriber,
+    down_envelope,
+    probe_until,
+    total,
+)
 
 NODE = "node-a"
 UP = f"edge/v1/nodes/{NODE}/up/"
@@ -86,14 +93,15 @@ def _await_down_subscription(agent: Agent, app: Publisher) -> None:
 
 @pytest.fixture
 def start_agent(agent_factory: AgentFactory, cloud: Broker, app: Publisher) -> AgentStarter:
-    """start_agent(local, **local_keys): an agent on `cloud` taking down messages from `app`.
+    """start_agent(local, name=None, **local_keys): an agent on `cloud` taking down messages.
 
     It has the [local] section for `local` (None: no local bus) and is online,
     and one of `app`'s probes has reached it, so its down subscription exists.
+    An agent started under the `name` of an earlier one has that one's data dir.
     """
 
-    def start(local: Broker | None, **local_keys: Any) -> Agent:
-        agent = agent_factory(cloud, overrides=_local(local, **local_keys))
+    def start(local: Broker | None, name: str | None = None, **local_keys: Any) -> Agent:
+        agent = agent_factory(cloud, overrides=_local(local, **local_keys), name=name)
         agent.wait_online()
         _await_down_subscription(agent, app)
         return agent
@@ -106,6 +114,32 @@ def _wait_received(agent: Agent, count: int, timeout: float = 10.0) -> dict[str,
     return agent.wait_status(
         lambda s: s["down"]["received"] >= count, timeout, what=f"{count} down messages stored"
     )
+
+
+def _wait_local_online(agent: Agent) -> None:
+    """Wait until the agent is subscribed on the local broker (it says online only then)."""
+    agent.wait_status(lambda s: s["local"]["state"] == "online", 10, what="local online")
+
+
+def _up(cloud_sub: RawSubscriber) -> list[tuple[str, Any]]:
+    """(local topic, data) of each message the agent forwarded up, in arrival order."""
+    return [(m.topic.removeprefix(UP), Envelope.decode(m.payload).data) for m in cloud_sub.messages]
+
+
+def _leave_local_session(
+    agent_factory: AgentFactory, cloud: Broker, local: Broker, protocol: str
+) -> None:
+    """Run agent "agent" forwarding "#" over `protocol` until it is subscribed, then stop it.
+
+    The local broker keeps its session, and the subscription in it, for the next run.
+    It sends no down probes: the echo of one, still queued in the session when
+    this agent stops, would reach the next run as a local message.
+    """
+    first = agent_factory(
+        cloud, overrides=_local(local, forward=("#",), protocol=protocol), name="agent"
+    )
+    _wait_local_online(first)
+    assert first.terminate() == 0, first.log_tail()
 
 
 def _read_event(api: ApiClient) -> dict[str, Any]:
@@ -265,6 +299,72 @@ def test_a_down_message_delivered_locally_is_not_forwarded_back_up(
         if m.topic.startswith(UP + "probe/") or Envelope.decode(m.payload).data == b"loop-me"
     ]
     assert looped == [], f"down messages came back up: {looped!r}"
+
+
+def test_after_a_change_to_mqtt5_a_kept_session_does_not_loop_a_down_message_back_up(
+    local: Broker,
+    cloud: Broker,
+    app: Publisher,
+    agent_factory: AgentFactory,
+    start_agent: AgentStarter,
+    mqtt_clients: MqttClients,
+) -> None:
+    local.start()
+    local_sub = mqtt_clients.subscriber(local, "cmd/#")
+    cloud_sub = mqtt_clients.subscriber(cloud, UP + "#")
+    # Made over 3.1.1, the session's "#" has no *no local*: a SUBSCRIBE over
+    # MQTT 5 to the same filter changes only its QoS, in mosquitto.
+    _leave_local_session(agent_factory, cloud, local, "3.1.1")
+    agent = start_agent(local, name="agent", forward=("#",), protocol="5")
+    _wait_local_online(agent)
+    device = mqtt_clients.publisher(local)
+
+    app.publish(DOWN + "cmd/loop", down_envelope("loop-me"))
+    assert local_sub.wait_for_topic("cmd/loop", timeout=15).payload == b"loop-me"
+    # Had the agent's copy come back, the local broker queued it for the agent
+    # before this one, and the outbox keeps order: it would be at the cloud first.
+    device.publish("sensors/fence", b"fence")
+    cloud_sub.wait_for_topic(UP + "sensors/fence", timeout=15)
+
+    # Neither cmd/loop nor the probes (down on probe/N) came back up.
+    assert _up(cloud_sub) == [("sensors/fence", b"fence")]
+    assert "made afresh" in agent.log_path.read_text(), "the session was not kept: proves nothing"
+
+
+def test_after_a_change_to_mqtt311_a_local_program_publishing_a_down_payload_is_forwarded(
+    local: Broker,
+    cloud: Broker,
+    app: Publisher,
+    agent_factory: AgentFactory,
+    start_agent: AgentStarter,
+    mqtt_clients: MqttClients,
+) -> None:
+    local.start()
+    local_sub = mqtt_clients.subscriber(local, "cmd/#")
+    cloud_sub = mqtt_clients.subscriber(cloud, UP + "#")
+    # Made over MQTT 5, the session's "#" says *no local*; a 3.1.1 SUBSCRIBE
+    # leaves that as it is, and the agent then waits for an echo that never comes.
+    _leave_local_session(agent_factory, cloud, local, "5")
+    agent = start_agent(local, name="agent", forward=("#",), protocol="3.1.1")
+    _wait_local_online(agent)
+    device = mqtt_clients.publisher(local, protocol="3.1.1")
+
+    app.publish(DOWN + "cmd/q", down_envelope("Q"))
+    assert local_sub.wait_for_topic("cmd/q", timeout=15).payload == b"Q"
+    # The echo of the agent's own cmd/q was queued for it before this fence:
+    # once the fence is at the cloud, the agent has had the echo (and skipped it).
+    device.publish("sensors/fence1", b"fence 1")
+    cloud_sub.wait_for_topic(UP + "sensors/fence1", timeout=15)
+    device.publish("cmd/q", b"Q")  # the device's own, with the same topic and payload
+    device.publish("sensors/fence2", b"fence 2")
+    cloud_sub.wait_for_topic(UP + "sensors/fence2", timeout=15)
+
+    assert _up(cloud_sub) == [
+        ("sensors/fence1", b"fence 1"),
+        ("cmd/q", b"Q"),
+        ("sensors/fence2", b"fence 2"),
+    ]
+    assert "made afresh" in agent.log_path.read_text(), "the session was not kept: proves nothing"
 
 
 def test_malformed_down_payloads_are_rejected_counted_and_the_next_is_delivered(

@@ -121,6 +121,11 @@ def start_forwarding(
     return start
 
 
+def _wait_local_online(agent: Agent) -> None:
+    """Wait until the agent is subscribed on the local broker (it says online only then)."""
+    agent.wait_status(lambda s: s["local"]["state"] == "online", 10, what="local online")
+
+
 def _decoded(messages: list[RawMessage]) -> list[tuple[RawMessage, Envelope]]:
     """Every message but the probes, with its decoded envelope."""
     out = []
@@ -398,3 +403,57 @@ def test_a_filter_dropped_from_forward_is_unsubscribed_at_the_next_start(
         if "Received UNSUBSCRIBE from edge-agent-node-a" in line
     ]
     assert dropped == ["alarms/#"], dropped
+
+
+def test_a_client_id_changed_and_back_does_not_leave_old_filters_in_the_first_session(
+    local: Broker,
+    cloud: Broker,
+    agent_factory: AgentFactory,
+    start_forwarding: ForwardingStarter,
+) -> None:
+    first, pub, cloud_sub = start_forwarding(
+        local, cloud_running=True, forward=("#",), name="agent"
+    )
+    assert first.terminate() == 0
+    other = agent_factory(
+        cloud, overrides=_local(local, ("#",), client_id="other"), name="agent"
+    )
+    _wait_local_online(other)
+    assert other.terminate() == 0
+
+    # Back in the first session, which the local broker kept with its "#".
+    agent = agent_factory(cloud, overrides=_local(local), name="agent")  # sensors/# only
+    _wait_local_online(agent)
+    pub.publish("other/x", b"outside forward")
+    pub.publish("sensors/x", b"once")
+    # Both subscriptions' copies of sensors/x, were there two, are ahead of this one.
+    pub.publish("sensors/fence", b"fence")
+    cloud_sub.wait_for_topic(UP + "sensors/fence", timeout=15)
+
+    up = [(env.topic, env.data) for _, env in _decoded(cloud_sub.messages)]
+    assert up.count(("sensors/x", b"once")) == 1, up
+    assert "other/x" not in {topic for topic, _ in up}, up
+    # The broker no longer sends it ("#" is gone), or the agent drops it and counts it.
+    rejected = agent.status()["local"]["rejected"]
+    assert rejected in ({}, {"outside_forward": 1}), rejected
+
+
+@pytest.mark.parametrize("protocol", ["5", "3.1.1"])
+def test_a_retained_local_message_is_forwarded_once_not_again_at_each_restart(
+    protocol: str, local: Broker, mqtt_clients: MqttClients, start_forwarding: ForwardingStarter
+) -> None:
+    program = mqtt_clients.publisher(local, protocol=protocol)
+    program.publish("sensors/retained", b"kept by the broker", retain=True)
+    agent, pub, cloud_sub = start_forwarding(local, cloud_running=True, protocol=protocol)
+    cloud_sub.wait_for_topic(UP + "sensors/retained", timeout=15)
+
+    for n in range(2):
+        agent.restart()  # SIGTERM; the local broker keeps the session and its subscription
+        _wait_local_online(agent)
+        # mosquitto queues the retained messages a SUBSCRIBE asks for before it sends
+        # the SUBACK the agent waits for to say online: a copy would be ahead of this.
+        pub.publish(f"sensors/fence{n}", b"fence")
+        cloud_sub.wait_for_topic(UP + f"sensors/fence{n}", timeout=15)
+
+    up = [(env.topic, env.data) for _, env in _decoded(cloud_sub.messages)]
+    assert up.count(("sensors/retained", b"kept by the broker")) == 1, up

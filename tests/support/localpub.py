@@ -104,8 +104,9 @@ class Publisher(PahoClient):
         *,
         content_type: str | None = None,
         expiry: int | None = None,
+        retain: bool = False,
     ) -> mqtt.MQTTMessageInfo:
-        """Queue one QoS 1 publish (MQTT 5 properties only when given); do not wait."""
+        """Queue one QoS 1 publish (retained if asked, MQTT 5 properties if given); do not wait."""
         props: Properties | None = None
         if content_type is not None or expiry is not None:
             if self.protocol != "5":
@@ -115,7 +116,7 @@ class Publisher(PahoClient):
                 props.ContentType = content_type
             if expiry is not None:
                 props.MessageExpiryInterval = expiry
-        info = self._client.publish(topic, payload, qos=1, properties=props)
+        info = self._client.publish(topic, payload, qos=1, retain=retain, properties=props)
         if info.rc != mqtt.MQTT_ERR_SUCCESS:
             reason = mqtt.error_string(info.rc)
             raise RuntimeError(f"publish to {topic!r} refused by paho: {reason}")

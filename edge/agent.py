@@ -11,6 +11,7 @@ import resource
 import signal
 import time
 from collections.abc import AsyncIterator, Callable
+from dataclasses import asdict
 from typing import IO, Any
 
 from edge import __version__
@@ -230,19 +231,11 @@ class Agent:
                 "last_sample_ts": self.telemetry.last_sample_ts,
             },
             "api": {"rejected": dict(self.api.rejected), "connections": self.api.connections},
-            "local": self._local_view(),
+            "local": asdict(self.local.snapshot()),
             "down": self.downlink.snapshot(),
             "discovery": self.discovery.snapshot(),
             "peers": self.discovery.table.counts(),
             "services": self._services_summary(),
-        }
-
-    def _local_view(self) -> dict[str, Any]:
-        bus = self.local.snapshot()
-        return {
-            "state": bus.state, "since": bus.since, "url": bus.url, "connects": bus.connects,
-            "last_error": bus.last_error, "forwarded": bus.forwarded, "held": bus.held,
-            "rejected": bus.rejected,
         }
 
     async def _subscribe(self, req: dict[str, Any]) -> Stream:

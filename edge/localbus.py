@@ -30,7 +30,7 @@ from typing import Any
 from edge.api import validate_topic
 from edge.backoff import Backoff, reconnect_forever
 from edge.config import parse_mqtt_url
-from edge.errors import EnvelopeError, RequestError, StorageError, UplinkError
+from edge.errors import EnvelopeError, MessageTooLarge, RequestError, StorageError, UplinkError
 from edge.mqtt import Inbound, MqttConnection, PublishResult
 from edge.outbox import Outbox
 from edge.rejections import Rejections
@@ -256,7 +256,7 @@ class LocalBus:
             return False  # full under on_full = "reject", or storage failing: hold it
         except (RequestError, EnvelopeError) as exc:
             # It can never be stored: acknowledged, so the broker does not resend it forever.
-            kind = "too_large" if "exceeds" in str(exc) else "bad_topic"
+            kind = "too_large" if isinstance(exc, MessageTooLarge) else "bad_topic"
             self.rejected(kind, f"{message.topic!r}: {exc}")
             conn.ack(message)
             return True

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import logging
 import os
 import re
+import socket
 import tomllib
 from collections.abc import Callable
 from dataclasses import replace
@@ -142,9 +144,22 @@ def load_settings(
 
 
 def _broker_of(url: str) -> tuple[str, int]:
+    """(host, port) of a broker URL, with every spelling of this machine as one host."""
     _, host, port = parse_mqtt_url(url)
-    host = host.lower().strip("[]")
-    return ("loopback" if host in ("localhost", "127.0.0.1", "::1") else host), port
+    host = host.lower().strip("[]").rstrip(".")
+    if host == "localhost" or host.endswith(".localhost"):
+        return "loopback", port
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        try:
+            address = ipaddress.ip_address(socket.inet_aton(host))  # 127.1 and the like
+        except OSError:
+            return host, port
+    mapped = getattr(address, "ipv4_mapped", None)
+    if address.is_loopback or (mapped is not None and mapped.is_loopback):
+        return "loopback", port
+    return str(mapped or address), port
 
 
 def _check_brokers(settings: Settings, source: str) -> None:
@@ -258,8 +273,9 @@ def _topic_filters(value: Any) -> tuple[str, ...]:
         for topic in value
     ):
         raise ValueError(
-            'expected a list of topic filters like ["sensors/#"] (not starting with "$":'
-            f" such topics cannot be forwarded), got {_show(value)}"
+            'expected a list of MQTT topic filters like ["sensors/#"] ("+" fills a whole'
+            ' level, "#" is the whole last level, and none may start with "$": such topics'
+            f" cannot be forwarded), got {_show(value)}"
         )
     for i, first in enumerate(value):
         for second in value[i + 1:]:

@@ -121,7 +121,8 @@ class Downlink:
             topic = validate_topic(local_topic)
             payload, ct, msg_id, ts, exp = parse_down(frame)
         except RequestError as exc:
-            self.rejected("bad_topic", f"down/{local_topic!r}: {exc}")
+            why = "no local topic after down/" if not local_topic else str(exc)
+            self.rejected("bad_topic", f"down/{local_topic}: {why}")
             return None
         except MessageTooLarge as exc:
             self.rejected("too_large", f"down/{local_topic}: {exc}")

@@ -98,6 +98,10 @@ class LocalBus:
         self._own: dict[tuple[str, bytes], deque[float]] = {}
         self._own_count = 0
         self._stopping = False
+        self._closing = False
+        self._committing = 0  # messages handed to the outbox, not yet committed
+        self._all_committed = asyncio.Event()
+        self._all_committed.set()
         self.on_online: Callable[[], None] | None = None  # told when the broker is back
 
     @property
@@ -155,6 +159,7 @@ class LocalBus:
             max_inflight=self.settings.inflight, connect_timeout=self.settings.connect_timeout,
             receive_maximum=self.settings.inflight, on_message=deliver,
         )
+        await self._end_former_sessions(host, port)
         connack = await conn.connect(self.settings.connect_timeout)
         self._resumed = connack.session_present
         try:
@@ -185,22 +190,60 @@ class LocalBus:
         sessions = self._read_sessions()
         before = sessions.get(self.client_id)
         forward = list(self.settings.forward)
-        if resumed:
-            old = [f for f in before.get("filters", []) if isinstance(f, str)] if before else []
-            same_protocol = before is not None and before.get("protocol") == self.settings.protocol
-            stale = sorted(set(old) - set(forward)) if same_protocol else sorted({*old, *forward})
+        old = [f for f in before.get("filters", []) if isinstance(f, str)] if before else []
+        same_protocol = before is not None and before.get("protocol") == self.settings.protocol
+        timeout = self.settings.connect_timeout
+        if resumed and not same_protocol:
+            # Options of a kept subscription are not changed by subscribing again: drop
+            # and make each one afresh, the two packets back to back so that the broker
+            # has no subscription for as short a time as possible.
+            stale = sorted({*old, *forward})
+            log.info("local broker: subscriptions made afresh for protocol %s: %s",
+                     self.settings.protocol, ", ".join(stale))
+            dropping = asyncio.ensure_future(conn.unsubscribe(stale, timeout=timeout))
+            await asyncio.sleep(0)  # the UNSUBSCRIBE goes out first, the SUBSCRIBE right after
+            await self._subscribe_forward(conn, forward)
+            await dropping
+        else:
+            # New filters first, then the ones left out: no moment without a subscription.
+            await self._subscribe_forward(conn, forward)
+            stale = sorted(set(old) - set(forward)) if resumed else []
             if stale:
-                log.info("local broker: unsubscribing from %s (%s)", ", ".join(stale),
-                         "no longer in [local] forward" if same_protocol
-                         else "made afresh: the session's subscriptions are from before")
-                await conn.unsubscribe(stale, timeout=self.settings.connect_timeout)
-        if forward:
-            await conn.subscribe(forward, no_local=True, retain_once=True,
-                                 timeout=self.settings.connect_timeout)
+                log.info("local broker: unsubscribing from %s (no longer in [local] forward)",
+                         ", ".join(stale))
+                await conn.unsubscribe(stale, timeout=timeout)
         now = {"protocol": self.settings.protocol, "filters": forward}
         if before != now:
             sessions[self.client_id] = now
             self._write_sessions(sessions)
+
+    async def _end_former_sessions(self, host: str, port: int) -> None:
+        """End the broker's sessions of client ids this agent used before.
+
+        A kept session goes on queueing every message its filters match, for nobody,
+        until it expires: memory on the broker, and a flood of old messages forwarded
+        again should that client id ever come back.
+        """
+        sessions = self._read_sessions()
+        former = [cid for cid in sessions if cid != self.client_id]
+        for cid in former:
+            goodbye = MqttConnection(
+                host=host, port=port, client_id=cid, keepalive=self.settings.keepalive,
+                v5=self.v5, session_expiry=0, clean=True,
+                connect_timeout=self.settings.connect_timeout,
+            )
+            await goodbye.connect(self.settings.connect_timeout)  # a clean start ends it
+            await goodbye.disconnect()
+            log.warning("local broker: ended the session of the former client id %r"
+                        " ([local] client_id changed); what it still held is dropped", cid)
+            del sessions[cid]
+        if former:
+            self._write_sessions(sessions)
+
+    async def _subscribe_forward(self, conn: MqttConnection, forward: list[str]) -> None:
+        if forward:
+            await conn.subscribe(forward, no_local=True, retain_once=True,
+                                 timeout=self.settings.connect_timeout)
 
     def _read_sessions(self) -> dict[str, dict[str, Any]]:
         """What the agent subscribed to last time, by client id (local-session.json)."""
@@ -228,6 +271,8 @@ class LocalBus:
     # ---- up: local messages into the outbox -----------------------------------------
 
     def _on_message(self, conn: MqttConnection, message: Inbound) -> None:
+        if self._closing:
+            return  # not acknowledged: the broker sends it again at the next start
         skip = None
         if not self._forward.matches(message.topic):
             skip = "outside_forward"  # a subscription another config left in the session
@@ -261,7 +306,13 @@ class LocalBus:
             conn.ack(message)
             return True
 
+        self._committing += 1
+        self._all_committed.clear()
+
         def settled(fut: asyncio.Future[None]) -> None:
+            self._committing -= 1
+            if not self._committing:
+                self._all_committed.set()
             if fut.cancelled() or fut.exception() is not None:
                 self._hold(conn, message, front=True)  # the commit failed: try again
                 return
@@ -358,4 +409,13 @@ class LocalBus:
             self._retry = None
         conn = self._conn
         if conn is not None:
+            # Acknowledge what is being committed before saying goodbye, or the broker
+            # sends it again at the next start and it would be forwarded twice.
+            self._closing = True  # messages from now on are left unacknowledged
+            try:
+                async with asyncio.timeout(timeout):
+                    await self._all_committed.wait()
+            except TimeoutError:
+                log.warning("local broker: %d message(s) not committed in %.0fs; the broker"
+                            " sends them again at the next start", self._committing, timeout)
             await conn.disconnect(timeout)

@@ -15,6 +15,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import paho.mqtt.client as paho
@@ -155,10 +156,23 @@ class _BufferedClient(paho.Client):
     def unsent(self) -> bool:
         return bool(self._wbuf)
 
+    linger: Callable[[Any], None] | None = None  # set: takes the socket instead of a close
+
     def _sock_close(self) -> None:
         self.uncork()  # a DISCONNECT may still be in the buffer
         self._wbuf.clear()
-        super()._sock_close()
+        sock = self._sock
+        if self.linger is None or sock is None:
+            super()._sock_close()
+            return
+        # A close with unread bytes sends a reset, and the peer's kernel may then drop
+        # what we sent last (PUBACKs, the DISCONNECT): let the owner drain it first.
+        self._sock = None
+        try:
+            self._call_socket_unregister_write(sock)
+            self._call_socket_close(sock)
+        finally:
+            self.linger(sock)
 
 
 class MqttConnection:
@@ -521,13 +535,46 @@ class MqttConnection:
             self._misc.cancel()
 
     async def disconnect(self, timeout: float = 2.0) -> None:
-        """Say goodbye with a DISCONNECT and wait briefly for the socket to close."""
+        """Say goodbye with a DISCONNECT and wait briefly for the socket to close.
+
+        After the DISCONNECT the socket is drained until the broker closes its side,
+        so that it reads everything we sent before it (no reset).
+        """
         if self._closed.done():
             return
         self._aborting = True  # our own goodbye, not the broker's doing
+        drained: asyncio.Future[None] = self._loop.create_future()
+        self._client.linger = partial(self._drain_then_close, drained, timeout)
         self._client.disconnect()
         try:
             async with asyncio.timeout(timeout):
                 await asyncio.shield(self._closed)
+                await asyncio.shield(drained)
         except TimeoutError:
             self.abort("disconnect timed out")
+
+    def _drain_then_close(self, done: asyncio.Future[None], timeout: float, sock: Any) -> None:
+        """Read and drop what the broker still sends until it closes, then close."""
+        def finish() -> None:
+            self._loop.remove_reader(sock)
+            timer.cancel()
+            sock.close()
+            if not done.done():
+                done.set_result(None)
+
+        def readable() -> None:
+            try:
+                if sock.recv(65536):
+                    return
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                pass
+            finish()  # end of stream (or an error): the broker has read all we sent
+
+        try:
+            sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+        timer = self._loop.call_later(timeout, finish)
+        self._loop.add_reader(sock, readable)

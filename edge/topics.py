@@ -38,7 +38,7 @@ def filters_overlap(first: str, second: str) -> str | None:
             return None  # one is longer, and the shorter has no "#"
         if x != y and "+" not in (x, y):
             return None
-        topic.append(y if x == "+" else x if x != "+" else "x")
+        topic.append(x if x != "+" else y if y != "+" else "x")
     return "/".join(topic)
 
 

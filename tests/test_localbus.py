@@ -9,10 +9,11 @@ broker, so what it published is what the agent owed the cloud.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -197,6 +198,72 @@ def test_local_messages_published_while_the_cloud_is_down_all_reach_the_cloud(
     assert final["queue"]["dropped"] == 0 and total(final["local"]["rejected"]) == 0
 
 
+
+
+@contextlib.contextmanager
+def _streaming(
+    pub: Publisher, items: list[tuple[str, bytes]], pause: float = 0.05
+) -> Iterator[list[int]]:
+    """Publish `items` from a thread, 50 then `pause` seconds (about 1000 a second).
+
+    Yields [how many were sent so far]; on leaving, waits for the publisher to
+    finish with every message acknowledged by the local broker.
+    """
+    progress = [0]
+    failure: list[BaseException] = []
+
+    def produce() -> None:
+        try:
+            infos = []
+            for n, (topic, payload) in enumerate(items, 1):
+                infos.append(pub.send(topic, payload))
+                progress[0] = n
+                if n % 50 == 0:
+                    time.sleep(pause)
+            pub.wait_acked(infos, timeout=60)
+        except BaseException as exc:
+            failure.append(exc)
+
+    producer = threading.Thread(target=produce, name="local-producer", daemon=True)
+    producer.start()
+    try:
+        yield progress
+    finally:
+        producer.join(timeout=60)
+    assert not producer.is_alive(), "the local publisher did not finish"
+    assert not failure, f"local publisher failed: {failure[0]!r}"
+
+
+def test_a_clean_stop_mid_stream_forwards_no_local_message_twice(
+    local: Broker, cloud: Broker, start_forwarding: ForwardingStarter
+) -> None:
+    """SIGTERM acknowledges what is being committed before the agent leaves the broker."""
+    agent, pub, cloud_sub = start_forwarding(local, cloud_running=False)
+    base = agent.status()["queue"]["depth"]
+    items = _payloads(10000)
+    # As fast as the broker takes them: commits are always under way at the stop.
+    with _streaming(pub, items, pause=0.002) as progress:
+        agent.wait_status(
+            lambda s: s["queue"]["depth"] >= base + 1000, 20, what="1000 messages committed"
+        )
+        stopped_at = progress[0]
+        assert agent.terminate() == 0
+        agent.start()
+    assert stopped_at < 10000, "the publisher had finished before the stop: nothing was mid-stream"
+    cloud.start()
+    sent = set(items)
+    _wait_cloud_got(cloud_sub, sent, timeout=60)
+    agent.wait_drained(timeout=30)
+    copies = _assert_forwarded_as_sent(cloud_sub, sent)
+    # The outbox held everything (the cloud was down), so a copy could only come
+    # from the local broker sending again what the agent had stored.
+    seqs = {env.seq for _, env in _decoded(cloud_sub.messages)}
+    assert copies == 10000, (
+        f"{copies - 10000} local messages forwarded twice ({len(seqs)} distinct seq:"
+        f" {copies - len(seqs)} sent again by the uplink)"
+    )
+
+
 @pytest.mark.parametrize("protocol", ["5", "3.1.1"])
 def test_local_messages_survive_kill9_of_the_agent_mid_stream(
     protocol: str, local: Broker, cloud: Broker, start_forwarding: ForwardingStarter
@@ -205,35 +272,13 @@ def test_local_messages_survive_kill9_of_the_agent_mid_stream(
     base = agent.status()["queue"]["depth"]
 
     items = _payloads(5000)
-    progress = [0]
-    failure: list[BaseException] = []
-
-    def produce() -> None:
-        # About 1000 a second: the kill and the restart both fall inside the stream.
-        try:
-            infos = []
-            for n, (topic, payload) in enumerate(items, 1):
-                infos.append(pub.send(topic, payload))
-                progress[0] = n
-                if n % 50 == 0:
-                    time.sleep(0.05)
-            pub.wait_acked(infos, timeout=60)
-        except BaseException as exc:
-            failure.append(exc)
-
-    producer = threading.Thread(target=produce, name="local-producer", daemon=True)
-    producer.start()
-    try:
+    with _streaming(pub, items) as progress:
         agent.wait_status(
             lambda s: s["queue"]["depth"] >= base + 1000, 20, what="1000 messages committed"
         )
         agent.kill9()
         killed_at = progress[0]
         agent.start()
-    finally:
-        producer.join(timeout=60)
-    assert not producer.is_alive(), "the local publisher did not finish"
-    assert not failure, f"local publisher failed: {failure[0]!r}"
     assert killed_at < 5000, "the publisher had finished before the kill: nothing was mid-stream"
 
     cloud.start()

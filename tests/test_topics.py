@@ -50,6 +50,7 @@ def test_a_filter_set_matches_any_of_its_filters_and_answers_the_same_twice() ->
     ("a", "a/b", None),
     ("a/+", "a/+/c", None),
     ("a/+/+", "+/b/c", "a/b/c"),
+    ("sensors/+", "sensors/+/#", "sensors/x"),
 ])
 def test_overlap_names_a_topic_both_filters_match(
         first: str, second: str, both: str | None) -> None:

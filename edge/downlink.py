@@ -18,6 +18,7 @@ from typing import Any
 import cbor2
 
 from edge.api import validate_topic
+from edge.envelope import load_map
 from edge.errors import EnvelopeError, MessageTooLarge, RequestError, StorageError
 from edge.inbox import Inbox, InboxRow
 from edge.localbus import LocalBus
@@ -35,14 +36,7 @@ _IDLE = 1.0  # seconds between looks at the inbox when nothing wakes the loop
 
 def parse_down(frame: bytes) -> tuple[bytes, str, bytes | None, float | None, float | None]:
     """Decode a down envelope: (payload, ct, id, ts, exp), or EnvelopeError saying why not."""
-    if len(frame) > MAX_DOWN_BYTES:
-        raise MessageTooLarge(f"{len(frame)} bytes is over the limit of {MAX_DOWN_BYTES}")
-    try:
-        obj = cbor2.loads(frame)
-    except Exception as exc:  # cbor2 raises several unrelated types on bad input
-        raise EnvelopeError(f"not valid CBOR: {exc}") from exc
-    if not isinstance(obj, dict):
-        raise EnvelopeError(f"expected a CBOR map (an envelope), got {type(obj).__name__}")
+    obj = load_map(frame, MAX_DOWN_BYTES)
     if obj.get("v") != 1 or isinstance(obj.get("v"), bool):
         raise EnvelopeError(f"envelope 'v' must be 1, got {obj.get('v')!r}")
     if "data" not in obj:

@@ -11,7 +11,7 @@ import cbor2
 
 from edge.errors import EnvelopeError, MessageTooLarge
 
-__all__ = ["MAX_ENVELOPE_BYTES", "Envelope", "new_message_id"]
+__all__ = ["MAX_ENVELOPE_BYTES", "Envelope", "load_map", "new_message_id"]
 
 MAX_ENVELOPE_BYTES = 16 * 1024 * 1024
 
@@ -51,6 +51,19 @@ def new_message_id(now: float | None = None) -> bytes:
     raw[6] = 0x70 | (raw[6] & 0x0F)  # version 7
     raw[8] = 0x80 | (raw[8] & 0x3F)  # RFC 4122 variant
     return bytes(raw)
+
+
+def load_map(frame: bytes, max_bytes: int) -> dict[Any, Any]:
+    """Decode a CBOR map, its size checked before any decoding; EnvelopeError if not one."""
+    if len(frame) > max_bytes:
+        raise MessageTooLarge(f"envelope of {len(frame)} bytes exceeds the limit of {max_bytes}")
+    try:
+        obj = cbor2.loads(frame)
+    except Exception as exc:  # cbor2 raises several unrelated types on bad input
+        raise EnvelopeError(f"envelope is not valid CBOR: {exc}") from exc
+    if not isinstance(obj, dict):
+        raise EnvelopeError(f"envelope must be a CBOR map, got {type(obj).__name__}")
+    return obj
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,16 +115,7 @@ class Envelope:
     @classmethod
     def decode(cls, frame: bytes, max_bytes: int = MAX_ENVELOPE_BYTES) -> Envelope:
         """Parse a CBOR envelope; the size is checked before any decoding."""
-        if len(frame) > max_bytes:
-            raise MessageTooLarge(
-                f"envelope of {len(frame)} bytes exceeds the limit of {max_bytes}"
-            )
-        try:
-            obj = cbor2.loads(frame)
-        except Exception as exc:  # cbor2 raises several unrelated types on bad input
-            raise EnvelopeError(f"envelope is not valid CBOR: {exc}") from exc
-        if not isinstance(obj, dict):
-            raise EnvelopeError(f"envelope must be a CBOR map, got {type(obj).__name__}")
+        obj = load_map(frame, max_bytes)
         for key, kind in _REQUIRED.items():
             if key not in obj:
                 raise EnvelopeError(f"envelope lacks the key {key!r}")

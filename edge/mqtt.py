@@ -542,6 +542,9 @@ class MqttConnection:
         """
         if self._closed.done():
             return
+        if self._client.socket() is None:
+            self.abort("no socket left to say goodbye on")
+            return
         self._aborting = True  # our own goodbye, not the broker's doing
         drained: asyncio.Future[None] = self._loop.create_future()
         self._client.linger = partial(self._drain_then_close, drained, timeout)

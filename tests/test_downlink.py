@@ -301,6 +301,28 @@ def test_a_down_message_delivered_locally_is_not_forwarded_back_up(
     assert looped == [], f"down messages came back up: {looped!r}"
 
 
+def _after_protocol_change(
+    first: str,
+    then: str,
+    local: Broker,
+    cloud: Broker,
+    agent_factory: AgentFactory,
+    start_agent: AgentStarter,
+    mqtt_clients: MqttClients,
+) -> tuple[Agent, RawSubscriber, RawSubscriber]:
+    """An agent forwarding "#" over `then`, on a local session kept from a run over `first`.
+
+    Returns it with a local subscriber on cmd/# and a cloud subscriber on up/#.
+    """
+    local.start()
+    local_sub = mqtt_clients.subscriber(local, "cmd/#")
+    cloud_sub = mqtt_clients.subscriber(cloud, UP + "#")
+    _leave_local_session(agent_factory, cloud, local, first)
+    agent = start_agent(local, name="agent", forward=("#",), protocol=then)
+    _wait_local_online(agent)
+    return agent, local_sub, cloud_sub
+
+
 def test_after_a_change_to_mqtt5_a_kept_session_does_not_loop_a_down_message_back_up(
     local: Broker,
     cloud: Broker,
@@ -309,14 +331,10 @@ def test_after_a_change_to_mqtt5_a_kept_session_does_not_loop_a_down_message_bac
     start_agent: AgentStarter,
     mqtt_clients: MqttClients,
 ) -> None:
-    local.start()
-    local_sub = mqtt_clients.subscriber(local, "cmd/#")
-    cloud_sub = mqtt_clients.subscriber(cloud, UP + "#")
     # Made over 3.1.1, the session's "#" has no *no local*: a SUBSCRIBE over
     # MQTT 5 to the same filter changes only its QoS, in mosquitto.
-    _leave_local_session(agent_factory, cloud, local, "3.1.1")
-    agent = start_agent(local, name="agent", forward=("#",), protocol="5")
-    _wait_local_online(agent)
+    agent, local_sub, cloud_sub = _after_protocol_change(
+        "3.1.1", "5", local, cloud, agent_factory, start_agent, mqtt_clients)
     device = mqtt_clients.publisher(local)
 
     app.publish(DOWN + "cmd/loop", down_envelope("loop-me"))
@@ -339,14 +357,10 @@ def test_after_a_change_to_mqtt311_a_local_program_publishing_a_down_payload_is_
     start_agent: AgentStarter,
     mqtt_clients: MqttClients,
 ) -> None:
-    local.start()
-    local_sub = mqtt_clients.subscriber(local, "cmd/#")
-    cloud_sub = mqtt_clients.subscriber(cloud, UP + "#")
     # Made over MQTT 5, the session's "#" says *no local*; a 3.1.1 SUBSCRIBE
     # leaves that as it is, and the agent then waits for an echo that never comes.
-    _leave_local_session(agent_factory, cloud, local, "5")
-    agent = start_agent(local, name="agent", forward=("#",), protocol="3.1.1")
-    _wait_local_online(agent)
+    agent, local_sub, cloud_sub = _after_protocol_change(
+        "5", "3.1.1", local, cloud, agent_factory, start_agent, mqtt_clients)
     device = mqtt_clients.publisher(local, protocol="3.1.1")
 
     app.publish(DOWN + "cmd/q", down_envelope("Q"))

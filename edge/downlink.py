@@ -31,7 +31,7 @@ log = logging.getLogger("edge.downlink")
 
 MAX_DOWN_BYTES = 1024 * 1024
 _WINDOW = 20  # down messages in flight to the local broker at once
-_IDLE = 1.0  # seconds between looks at the inbox when nothing wakes the loop
+_IDLE = 1.0  # seconds between looks at waiting messages when nothing wakes the loop
 
 
 def parse_down(frame: bytes) -> tuple[bytes, str, bytes | None, float | None, float | None]:
@@ -153,8 +153,10 @@ class Downlink:
             while True:
                 self._wake.clear()
                 await self._deliver_round()
+                # Messages waiting (a publish that failed, an expiry to come) are looked
+                # at again each second; an empty inbox waits for news.
                 try:
-                    async with asyncio.timeout(_IDLE):
+                    async with asyncio.timeout(_IDLE if len(self.inbox) else None):
                         await self._wake.wait()
                 except TimeoutError:
                     pass

@@ -76,7 +76,6 @@ class Inbox:
         self._next_key = 1
         self.dropped = 0  # evicted to stay under max_bytes (persisted)
         self._lock = asyncio.Lock()
-        self.added = asyncio.Event()
 
     async def open(self) -> None:
         """Open or create the database and load what is pending."""
@@ -168,7 +167,6 @@ class Inbox:
                 log.warning("inbox over %d bytes: dropped the %d oldest down message(s)",
                             self.max_bytes, len(evict))
             self._keep(row)
-            self.added.set()
             return row
 
     async def remove(self, keys: Iterable[int]) -> None:

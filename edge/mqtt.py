@@ -153,9 +153,6 @@ class _BufferedClient(paho.Client):
             del self._wbuf[:sent]
         return True
 
-    def unsent(self) -> bool:
-        return bool(self._wbuf)
-
     linger: Callable[[Any], None] | None = None  # set: takes the socket instead of a close
 
     def _sock_close(self) -> None:

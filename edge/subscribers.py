@@ -110,9 +110,6 @@ class Subscribers:
                 sub.dropped += 1
         return taken
 
-    def matches(self, topic: str) -> bool:
-        """Whether anyone listens to `topic` now."""
-        return any(topic_matches(sub.filter, topic) for sub in self._subs)
 
     def subscribe(self, topic_filter: str) -> Subscription:
         """Start listening to `topic_filter` now; iterate the result for the lines."""

@@ -116,6 +116,12 @@ def _parser() -> argparse.ArgumentParser:
     cfg_sub = cfg.add_subparsers(dest="config_command", required=True, metavar="SUBCOMMAND")
     check = cfg_sub.add_parser("check", help="validate a config file")
     check.add_argument("file", type=Path)
+
+    from edge.fleet import add_fleet_parser
+    from edge.registry.command import add_registry_parser
+
+    add_registry_parser(sub)  # `edge registry serve`: its imports wait until it runs
+    add_fleet_parser(sub)     # `edge fleet ...`: a client of the registry's HTTP API
     return p
 
 
@@ -127,6 +133,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _run(args)
         if args.command == "config":
             return _config_check(args.file)
+        if args.command in ("registry", "fleet"):
+            code: int = args.handler(args)
+            return code
         return _client_command(args)
     except ConfigError as exc:
         print(f"edge: {exc}", file=sys.stderr)

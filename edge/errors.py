@@ -9,6 +9,7 @@ Every error the project raises on purpose derives from ``EdgeError``::
     ├── StorageError         the outbox database failed
     │   └── QueueFull        the outbox is full and on_full = "reject"
     ├── RequestError         a socket API request is malformed or refused
+    ├── DocumentError        a desired or reported state document is not valid
     ├── UplinkError          the MQTT connection failed or was refused
     └── AgentNotRunning      a client found no agent at the socket path
 """
@@ -18,6 +19,7 @@ from __future__ import annotations
 __all__ = [
     "AgentNotRunning",
     "ConfigError",
+    "DocumentError",
     "EdgeError",
     "EnvelopeError",
     "MessageTooLarge",
@@ -65,6 +67,10 @@ class RequestError(EdgeError):
     def __init__(self, code: str, message: str) -> None:
         super().__init__(message)
         self.code = code
+
+
+class DocumentError(EdgeError):
+    """A desired or reported state document is not valid."""
 
 
 class UplinkError(EdgeError):

@@ -11,6 +11,7 @@ Every error the project raises on purpose derives from ``EdgeError``::
     ├── RequestError         a socket API request is malformed or refused
     ├── DocumentError        a desired or reported state document is not valid
     ├── UplinkError          the MQTT connection failed or was refused
+    ├── RegistryError        the registry server's store failed or cannot be reached
     └── AgentNotRunning      a client found no agent at the socket path
 """
 
@@ -24,6 +25,7 @@ __all__ = [
     "EnvelopeError",
     "MessageTooLarge",
     "QueueFull",
+    "RegistryError",
     "RequestError",
     "StorageError",
     "UplinkError",
@@ -75,6 +77,10 @@ class DocumentError(EdgeError):
 
 class UplinkError(EdgeError):
     """The MQTT uplink failed or the broker refused something."""
+
+
+class RegistryError(EdgeError):
+    """The registry server's store failed or cannot be reached."""
 
 
 class AgentNotRunning(EdgeError):

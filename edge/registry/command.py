@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import os
+import socket
+import sys
 from typing import Any
 
 __all__ = ["add_registry_parser"]
+
+_LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 
 def add_registry_parser(sub: Any) -> None:
@@ -14,8 +19,115 @@ def add_registry_parser(sub: Any) -> None:
     registry_sub = registry.add_subparsers(dest="registry_command", required=True,
                                            metavar="SUBCOMMAND")
     serve = registry_sub.add_parser("serve", help="run the registry server")
+    serve.add_argument("--broker", default="mqtt://127.0.0.1:1883", metavar="URL",
+                       help="the fleet's MQTT broker (default mqtt://127.0.0.1:1883)")
+    serve.add_argument("--db", metavar="URL",
+                       help="sqlite:///PATH or postgresql://user:pass@host:port/db (default"
+                            " sqlite:///var/lib/edge-registry/registry.db)")
+    serve.add_argument("--http", default="127.0.0.1:8080", metavar="HOST:PORT",
+                       help="where the HTTP API and dashboard listen (default 127.0.0.1:8080)")
+    serve.add_argument("--prefix", default="edge/v1", help="topic prefix (default edge/v1)")
+    serve.add_argument("--client-id", metavar="ID",
+                       help="MQTT client id, unique per worker (default edge-registry-HOST-PID)")
+    serve.add_argument("--stale-after", default="3", metavar="N",
+                       help="an online node is stale after N heartbeats unheard (default 3)")
+    serve.add_argument("--backlog-depth", default="10000", metavar="N",
+                       help="an online node is backlogged over N queued messages"
+                            " (default 10000)")
+    serve.add_argument("--backlog-age", default="1h", metavar="DURATION",
+                       help="... or with its oldest queued message older than this"
+                            " (default 1h)")
+    serve.add_argument("--reconnect-max", default="30s", metavar="DURATION",
+                       help="longest wait between reconnects to the broker (default 30s)")
+    serve.add_argument("--catchup-idle", default="1s", metavar="DURATION",
+                       help="the retained read at each connection ends after this long"
+                            " without a retained document (default 1s)")
+    serve.add_argument("--log-level", type=str.upper, choices=_LOG_LEVELS, metavar="LEVEL",
+                       help="DEBUG, INFO, WARNING or ERROR (default INFO, or $EDGE_LOG_LEVEL)")
     serve.set_defaults(handler=_serve)
 
 
+def _fail(message: str) -> int:
+    print(f"edge registry serve: {message}", file=sys.stderr)
+    return 2
+
+
+def _settings(args: argparse.Namespace) -> Any:
+    """RegistrySettings from the flags; ValueError names the flag."""
+    from edge.config import parse_mqtt_url
+    from edge.registry.health import HealthPolicy
+    from edge.registry.settings import RegistrySettings, check_prefix, default_db_url, parse_http
+    from edge.registry.store import check_db_url
+    from edge.units import parse_duration
+
+    def flag(name: str, parse: Any, value: Any) -> Any:
+        try:
+            return parse(value)
+        except (ValueError, TypeError) as exc:
+            raise ValueError(f"{name}: {exc}") from None
+
+    def number(text: str) -> float:
+        value = float(text)
+        if not value > 0 or value == float("inf"):
+            raise ValueError(f"expected a number above 0, got {text!r}")
+        return value
+
+    def count(text: str) -> int:
+        if not text.isdigit():
+            raise ValueError(f"expected a whole number from 0, got {text!r}")
+        return int(text)
+
+    def duration(text: str) -> float:
+        value = parse_duration(text)
+        if value <= 0:
+            raise ValueError(f"expected a duration above 0 like 30s, got {text!r}")
+        return value
+
+    _, broker_host, broker_port = flag("--broker", parse_mqtt_url, args.broker)
+    db_url = flag("--db", check_db_url, args.db or default_db_url())
+    http_host, http_port = flag("--http", parse_http, args.http)
+    prefix = flag("--prefix", check_prefix, args.prefix)
+    client_id = args.client_id or f"edge-registry-{socket.gethostname()}-{os.getpid()}"[:64]
+    if len(client_id) > 64 or "/" in client_id or not client_id.isprintable() \
+            or " " in client_id:
+        raise ValueError(f"--client-id: expected at most 64 characters without spaces or"
+                         f" '/', got {client_id!r}")
+    policy = HealthPolicy(
+        stale_after=flag("--stale-after", number, args.stale_after),
+        backlog_depth=flag("--backlog-depth", count, args.backlog_depth),
+        backlog_age=flag("--backlog-age", duration, args.backlog_age),
+    )
+    reconnect_max = flag("--reconnect-max", duration, args.reconnect_max)
+    return RegistrySettings(
+        broker_host=broker_host, broker_port=broker_port, db_url=db_url,
+        http_host=http_host, http_port=http_port, prefix=prefix, client_id=client_id,
+        health=policy, reconnect_max=max(reconnect_max, 0.2),
+        catchup_idle=flag("--catchup-idle", duration, args.catchup_idle),
+    )
+
+
 def _serve(args: argparse.Namespace) -> int:
-    raise NotImplementedError("edge registry serve")
+    try:
+        import aiohttp  # noqa: F401
+    except ImportError:
+        return _fail("the registry needs its extra dependencies:"
+                     " pip install 'edge-agent[registry]'")
+    if (args.db or "").startswith(("postgresql:", "postgres:")):
+        try:
+            import asyncpg  # noqa: F401
+        except ImportError:
+            return _fail("--db postgresql:// needs asyncpg: pip install 'edge-agent[registry]'")
+    try:
+        settings = _settings(args)
+    except ValueError as exc:
+        return _fail(str(exc))
+
+    from edge.logs import setup_logging
+    from edge.registry.server import run_registry
+
+    setup_logging(args.log_level)
+    try:
+        run_registry(settings)
+    except KeyboardInterrupt:
+        pass
+    return 0

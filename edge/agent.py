@@ -12,17 +12,21 @@ import signal
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import asdict
+from functools import partial
 from typing import IO, Any
 
 from edge import __version__
 from edge.api import ApiServer, Stream
+from edge.desired import DesiredState, Items
 from edge.discovery import Discovery
+from edge.documents import Desired
 from edge.downlink import Downlink
 from edge.errors import ConfigError, EdgeError, RequestError
 from edge.inbox import Inbox
 from edge.localbus import LocalBus
 from edge.outbox import Outbox
 from edge.rates import RateMeter
+from edge.reported import Reporter
 from edge.services import ServiceError
 from edge.settings import Settings
 from edge.subscribers import Subscribers, validate_filter
@@ -33,6 +37,8 @@ from edge.uplink import Uplink
 __all__ = ["Agent"]
 
 log = logging.getLogger("edge.agent")
+
+_REPORTED_PEERS = 200  # peers named in the reported state, at most
 
 
 class Agent:
@@ -72,6 +78,15 @@ class Agent:
         except ServiceError as exc:
             raise ConfigError(f"config {settings.source}: {exc}") from exc
         self.telemetry = Telemetry(settings.telemetry.interval, data_dir, self._submit_telemetry)
+        self._clock = clock
+        self.desired = DesiredState(data_dir / "desired.cbor", self._apply_desired, clock=clock)
+        self.uplink.on_desired = self.desired.receive
+        self.reporter = Reporter(
+            data_dir / "reported-version", self._reported, self._reported_mark,
+            partial(self.uplink.publish_retained, "reported"),
+            debounce=settings.state.debounce, clock=clock,
+        )
+        self.uplink.on_online = self.reporter.online
         self.api = ApiServer(
             settings.api.socket,
             max_line=settings.api.max_line_bytes,
@@ -96,6 +111,7 @@ class Agent:
         try:
             await self.outbox.open()
             await self.inbox.open()
+            await self.desired.restore()  # the last accepted desired state: no network needed
             await self.api.start()
             loop = asyncio.get_running_loop()
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
@@ -115,6 +131,8 @@ class Agent:
                     tg.create_task(self.supervisor.run(), name="services"),
                     tg.create_task(self.telemetry.run(), name="telemetry"),
                     tg.create_task(self.rates.run(self.outbox), name="rates"),
+                    tg.create_task(self.desired.run(), name="desired"),
+                    tg.create_task(self.reporter.run(), name="reported"),
                 ]
                 await self._stop.wait()
                 log.info("stopping")
@@ -190,6 +208,73 @@ class Agent:
             route="telemetry",
         )
 
+    # ---- desired and reported state -------------------------------------------------
+
+    async def _apply_desired(self, desired: Desired) -> Items:
+        """Reconcile services and the live config keys with a desired document."""
+        items: Items = {}
+        try:
+            results = await self.supervisor.apply(desired.services)
+        except ServiceError as exc:  # the agent is stopping
+            results = {name: ("failed", str(exc)) for name in desired.services}
+        for name, (result, reason) in results.items():
+            items[f"services.{name}"] = {"result": result, "reason": reason}
+        config, own = desired.config, self.settings
+        # A key the document leaves out goes back to the config file's value.
+        self.telemetry.set_interval(own.telemetry.interval if config.telemetry_interval is None
+                                    else config.telemetry_interval)
+        self.outbox.set_policy(
+            on_full=config.queue_on_full or own.queue.on_full,
+            max_bytes=config.queue_max_bytes or own.queue.max_bytes,
+            default_ttl=(own.queue.default_ttl if config.queue_default_ttl is None
+                         else config.queue_default_ttl),
+        )
+        for key in config.items():
+            items[f"config.{key}"] = {"result": "applied", "reason": None}
+        return items
+
+    async def _reported(self) -> dict[str, Any]:
+        """The reported-state document (docs/registry.md), without its version."""
+        up = self.uplink.snapshot()
+        queue = await self._queue_view()
+        desired = self.desired
+        return {
+            "v": 1,
+            "node": self.node,
+            "ts": self._clock(),
+            "agent": __version__,
+            "profile": self.settings.node.profile,
+            "labels": dict(self.settings.node.labels),
+            "services": [
+                {key: row[key] for key in ("name", "state", "reason", "pid", "restarts",
+                                           "last_exit", "source")}
+                for row in self.supervisor.snapshot()
+            ],
+            "peers": [
+                {key: row.get(key) for key in ("node", "state", "addresses", "last_seen")}
+                for row in self.discovery.peers()[:_REPORTED_PEERS]
+            ],
+            "queue": {key: queue[key] for key in ("depth", "bytes", "oldest_age", "dropped",
+                                                  "expired", "dead")},
+            "uplink": {"state": up.state, "since": up.since, "connects": up.connects,
+                       "last_error": up.last_error},
+            "desired_applied": desired.applied,
+            "desired": None if not desired.applied else {
+                "version": desired.applied, "ts": desired.applied_ts, "items": desired.items,
+            },
+            "desired_rejected": desired.rejected,
+        }
+
+    def _reported_mark(self) -> object:
+        """What a change of makes a new reported document (not the queue: it always moves)."""
+        return (
+            tuple((row["name"], row["state"], row["restarts"], row["last_exit"], row["source"])
+                  for row in self.supervisor.snapshot()),
+            tuple((row.get("instance"), row.get("state"))
+                  for row in self.discovery.peers()[:_REPORTED_PEERS]),
+            self.desired.changes,
+        )
+
     # ---- socket API ops ------------------------------------------------------------
 
     async def _queue_view(self) -> dict[str, Any]:
@@ -226,7 +311,7 @@ class Agent:
             },
             "queue": await self._queue_view(),
             "telemetry": {
-                "interval": self.settings.telemetry.interval,
+                "interval": self.telemetry.interval,
                 "samples": self.telemetry.samples,
                 "last_sample_ts": self.telemetry.last_sample_ts,
             },
@@ -236,6 +321,9 @@ class Agent:
             "discovery": self.discovery.snapshot(),
             "peers": self.discovery.table.counts(),
             "services": self._services_summary(),
+            "desired": self.desired.snapshot(),
+            "reported": {"version": self.reporter.version, "published": self.reporter.published,
+                         "last_ts": self.reporter.last_ts},
         }
 
     async def _subscribe(self, req: dict[str, Any]) -> Stream:
@@ -296,8 +384,8 @@ class Agent:
         view = await self._queue_view()
         view = {"ok": True, **view}
         view.update({
-            "max_bytes": self.settings.queue.max_bytes,
-            "on_full": self.settings.queue.on_full,
+            "max_bytes": self.outbox.settings.max_bytes,
+            "on_full": self.outbox.settings.on_full,
             "by_priority": {str(p): n for p, n in self.outbox.by_priority().items()},
             "dead_letters": await self.outbox.dead_letters(),
             "dead_kept": await self.outbox.dead_kept(),

@@ -21,10 +21,12 @@ from edge.services import parse_services
 from edge.settings import (
     ApiSettings,
     DiscoverySettings,
+    FleetSettings,
     LocalSettings,
     NodeSettings,
     QueueSettings,
     Settings,
+    StateSettings,
     TelemetrySettings,
     UplinkSettings,
 )
@@ -289,6 +291,37 @@ def _topic_filters(value: Any) -> tuple[str, ...]:
     return tuple(value)
 
 
+_LABEL_KEY = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
+_MAX_LABELS = 32
+
+
+def _labels(value: Any) -> dict[str, str]:
+    expected = (f'a table of at most {_MAX_LABELS} labels like {{ site = "greenhouse-3" }}: keys'
+                ' of 1 to 63 characters A-Z a-z 0-9 _ . -, values text of at most 253'
+                ' characters')
+    if not isinstance(value, dict) or len(value) > _MAX_LABELS:
+        raise ValueError(f"expected {expected}, got {_show(value)}")
+    for key, text in value.items():
+        if (not _LABEL_KEY.fullmatch(key) or not isinstance(text, str) or len(text) > 253
+                or _TOPIC_JUNK.search(text)):
+            raise ValueError(f"expected {expected}, got {_show({key: text})}")
+    return dict(value)
+
+
+def _http_url(value: Any) -> str:
+    expected = 'an http:// or https:// URL like "http://registry.example:8080"'
+    if not isinstance(value, str) or _URL_JUNK.search(value):
+        raise ValueError(f"expected {expected}, got {_show(value)}")
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018 - raises ValueError for a bad port
+    except ValueError:
+        raise ValueError(f"expected {expected}, got {_show(value)}") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"expected {expected}, got {_show(value)}")
+    return value.rstrip("/")
+
+
 def _globs(value: Any) -> tuple[str, ...]:
     if not isinstance(value, list) or not all(
         isinstance(pattern, str) and pattern and not _URL_JUNK.search(pattern)
@@ -316,6 +349,7 @@ _SECTIONS: dict[str, dict[str, Parser]] = {
         "profile": _checked(_text, 'a profile name like "generic-arm64" or "auto"',
                             lambda name: _PROFILE.fullmatch(name) is not None),
         "data_dir": _path,
+        "labels": _labels,
     },
     "uplink": {
         "url": _mqtt_url,
@@ -374,6 +408,13 @@ _SECTIONS: dict[str, dict[str, Parser]] = {
         # Each sample is a queued message: sub-second sampling floods the outbox.
         "interval": _checked(parse_duration, '"0s" (off) or a duration of at least 1s',
                              _off_or_at_least_1s),
+    },
+    "state": {
+        "debounce": _checked(parse_duration, "a duration from 0.1s to 1h",
+                             lambda seconds: 0.1 <= seconds <= 3600),
+    },
+    "fleet": {
+        "registry": _http_url,
     },
     "discovery": {
         "enabled": _boolean,
@@ -477,6 +518,8 @@ def _build(values: Values, source: str) -> Settings:
         api=replace(ApiSettings(socket=default_socket_path()), **api),
         telemetry=replace(TelemetrySettings(), **values.get("telemetry", {})),
         discovery=replace(DiscoverySettings(), **values.get("discovery", {})),
+        state=replace(StateSettings(), **values.get("state", {})),
+        fleet=replace(FleetSettings(), **values.get("fleet", {})),
         services=values.get("services", {}),
         source=source,
     )

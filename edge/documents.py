@@ -123,7 +123,7 @@ def parse_desired(doc: Mapping[Any, Any], *, need_version: bool = True) -> Desir
         raise DocumentError(f"{what}: services: at most {_MAX_SERVICES} services,"
                             f" got {len(services)}")
     try:
-        specs = parse_services(dict(services), what)
+        specs = parse_services(dict(services), what, check_depends=False)
     except ConfigError as exc:
         # "config desired: [services.x] k: ..." reads as "desired: services.x k: ...".
         text = str(exc).removeprefix(f"config {what}: ")

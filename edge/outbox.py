@@ -28,6 +28,7 @@ rows go one by one (the difference is most of the disk writes per message).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import os
@@ -857,6 +858,17 @@ class Outbox:
         log.error("message seq %d (%s) dead-lettered: %s", row.seq, row.topic, reason)
         self._pending.dead.append((row, reason))
         return self._queue_write(held=True)
+
+    def set_policy(self, *, on_full: str, max_bytes: int, default_ttl: float) -> None:
+        """Change the full-queue policy, the size cap and the default TTL while running.
+
+        A smaller cap under drop-oldest evicts at the next commit; under reject it
+        refuses new messages until the queue drains below it.
+        """
+        self.settings = dataclasses.replace(
+            self.settings, on_full=on_full, max_bytes=max_bytes, default_ttl=default_ttl,
+        )
+        self._wake.set()
 
     # ---- reading -----------------------------------------------------------
 

@@ -123,8 +123,13 @@ class ServiceSpec:
         return self.memory_max is not None or self.cpu_max is not None
 
 
-def parse_services(table: dict[str, Any], source: str) -> dict[str, ServiceSpec]:
+def parse_services(
+    table: dict[str, Any], source: str, *, check_depends: bool = True
+) -> dict[str, ServiceSpec]:
     """Turn the `services` table of a config file into specs, in the file's order.
+
+    `check_depends=False` leaves dependencies to the caller (a desired document's
+    services may depend on those of the node's config file).
 
     Raises ConfigError naming the file, the service and the key:
     `config FILE: [services.NAME] KEY: expected ..., got ...`.
@@ -141,7 +146,8 @@ def parse_services(table: dict[str, Any], source: str) -> dict[str, ServiceSpec]
         if not isinstance(body, dict):
             raise ConfigError(f"{where}: expected a table, got {_show(body)}")
         specs[name] = _parse_one(name, body, where)
-    check_dependencies(specs, source)
+    if check_depends:
+        check_dependencies(specs, source)
     return specs
 
 

@@ -13,10 +13,12 @@ if TYPE_CHECKING:
 __all__ = [
     "ApiSettings",
     "DiscoverySettings",
+    "FleetSettings",
     "LocalSettings",
     "NodeSettings",
     "QueueSettings",
     "Settings",
+    "StateSettings",
     "TelemetrySettings",
     "UplinkSettings",
 ]
@@ -27,6 +29,7 @@ class NodeSettings:
     id: str
     profile: str = "auto"
     data_dir: Path = Path("/var/lib/edge")
+    labels: Mapping[str, str] = field(default_factory=dict)  # reported; groups in the registry
 
 
 @dataclass(frozen=True)
@@ -96,6 +99,16 @@ class DiscoverySettings:
 
 
 @dataclass(frozen=True)
+class StateSettings:
+    debounce: float = 2.0              # seconds: changes within it make one reported document
+
+
+@dataclass(frozen=True)
+class FleetSettings:
+    registry: str = "http://127.0.0.1:8080"  # the registry's HTTP API, for `edge fleet`
+
+
+@dataclass(frozen=True)
 class Settings:
     node: NodeSettings
     uplink: UplinkSettings = field(default_factory=UplinkSettings)
@@ -104,5 +117,7 @@ class Settings:
     api: ApiSettings = field(default_factory=ApiSettings)
     telemetry: TelemetrySettings = field(default_factory=TelemetrySettings)
     discovery: DiscoverySettings = field(default_factory=DiscoverySettings)
+    state: StateSettings = field(default_factory=StateSettings)
+    fleet: FleetSettings = field(default_factory=FleetSettings)
     services: Mapping[str, ServiceSpec] = field(default_factory=dict)  # by name, in file order
     source: str = "<defaults>"         # the file these came from, for messages

@@ -25,6 +25,10 @@ The restart policy, per service:
 - `health.retries` failed checks in a row -> the service is stopped and
   counted as a failure (restarted unless `restart = "never"`).
 - `restart(name)` -> stopped and started at once, backoff reset.
+
+Services come from the config file (fixed) and from the desired state
+(`apply()`): those are started, restarted with a new spec, or stopped and
+forgotten while the others run on.
 """
 
 from __future__ import annotations
@@ -47,6 +51,7 @@ from typing import Any, BinaryIO
 from edge import health, limits, procs
 from edge.backoff import Backoff
 from edge.limits import NO_LIMITS, Limits, Placement
+from edge.reconcile import plan_services
 from edge.servicelog import RotatingFile, Tail
 from edge.services import ServiceError, ServiceSpec, check_dependencies
 
@@ -164,6 +169,8 @@ class _Service:
     next_start_at: float | None = None
     waiting_for: tuple[str, ...] = ()
     log_failed: bool = False
+    source: str = "config"     # "config" (the file's) or "desired" (the registry's)
+    retired: bool = False      # being stopped for good: removed or replaced
     wake: asyncio.Event = field(default_factory=asyncio.Event)  # a restart request
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)    # starts and stops, one at a time
     log_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
@@ -195,17 +202,17 @@ class Supervisor:
         check_dependencies(specs, "<services>")
         self._dir = Path(data_dir) / "services"
         self._clock = clock
+        self._env_extra = dict(env_extra)
+        self._fixed = dict(specs)
         self._levels = _levels(specs)
         self._services: dict[str, _Service] = {}
         for level in self._levels:
             for name in level:
-                spec = specs[name]
-                account = _account(spec)
-                env = {**_environment(spec, account, env_extra), _MARK: str(self._dir)}
-                self._services[name] = _Service(
-                    spec=spec, account=account, env=env,
-                    file=RotatingFile(self._dir / name, spec.log_max_bytes, spec.log_keep),
-                )
+                self._services[name] = self._service(specs[name], _account(specs[name]),
+                                                     "config")
+        self._group: asyncio.TaskGroup | None = None
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._apply_lock = asyncio.Lock()
         self._boot = ""
         self._cgroups: Path | None = None
         self._records: dict[str, procs.Identity] = {}
@@ -223,10 +230,18 @@ class Supervisor:
         now = self._clock()
         return [self._row(service, now) for service in self._services.values()]
 
+    def _service(self, spec: ServiceSpec, account: _Account, source: str) -> _Service:
+        env = {**_environment(spec, account, self._env_extra), _MARK: str(self._dir)}
+        return _Service(
+            spec=spec, account=account, env=env, source=source,
+            file=RotatingFile(self._dir / spec.name, spec.log_max_bytes, spec.log_keep),
+        )
+
     def _row(self, service: _Service, now: float) -> dict[str, Any]:
         running = service.process is not None and service.process.returncode is None
         return {
             "name": service.spec.name,
+            "source": service.source,
             "state": service.state,
             "reason": service.reason,
             "pid": service.process.pid if running and service.process else None,
@@ -285,9 +300,86 @@ class Supervisor:
         await self._end_unrecorded()
         await self._save()
         async with asyncio.TaskGroup() as group:
+            self._group = group
             for service in self._services.values():
-                group.create_task(self._keep(service), name=f"service {service.spec.name}")
-        await self._closed.wait()  # with no services at all, too: run() lasts until close()
+                self._start_keeping(service)
+            await self._closed.wait()  # with no services at all, too: run() lasts until close()
+        self._group = None
+
+    def _start_keeping(self, service: _Service) -> None:
+        assert self._group is not None
+        name = service.spec.name
+        self._tasks[name] = self._group.create_task(self._keep(service), name=f"service {name}")
+
+    # ---- desired-state services ---------------------------------------------------
+
+    async def apply(self, wanted: Mapping[str, ServiceSpec]) -> dict[str, tuple[str, str | None]]:
+        """Make the desired-state services be `wanted`; the config file's stay as they are.
+
+        Returns, per service touched, ("applied" | "failed" | "removed", reason).
+        Before `run()` it only records them; `run()` starts them.
+        """
+        async with self._apply_lock:
+            if self._closing:
+                raise ServiceError("the supervisor is closing")
+            refused: dict[str, str] = {}
+            accounts: dict[str, _Account] = {}
+            for name, spec in wanted.items():
+                if name in self._fixed:
+                    continue
+                try:
+                    accounts[name] = _account(spec)
+                except ServiceError as exc:
+                    refused[name] = str(exc)
+            current = {name: service.spec for name, service in self._services.items()
+                       if service.source == "desired"}
+            plan = plan_services(self._fixed, current, wanted, refused)
+            going = set(plan.remove) | set(plan.replace)
+            for level in reversed(self._levels):  # dependants first
+                await asyncio.gather(*(self._retire(self._services[name])
+                                       for name in level if name in going))
+            for name, spec in {**plan.start, **plan.replace}.items():
+                if self._closing:
+                    break
+                service = self._service(spec, accounts[name], "desired")
+                self._services[name] = service
+                if self._group is not None:
+                    self._start_keeping(service)
+            self._levels = _levels({name: service.spec
+                                    for name, service in self._services.items()})
+            self._notify()
+            results: dict[str, tuple[str, str | None]] = {}
+            for name in wanted:
+                if name in plan.failed:
+                    kept = " (the version that ran before goes on)" if name in plan.kept else ""
+                    results[name] = ("failed", plan.failed[name] + kept)
+                else:
+                    results[name] = ("applied", None)
+            for name in plan.remove:
+                results.setdefault(name, ("removed", None))
+            for name in plan.start:
+                log.info("service %s: added by the desired state", name)
+            for name in plan.replace:
+                log.info("service %s: changed by the desired state", name)
+            return results
+
+    async def _retire(self, service: _Service) -> None:
+        """Stop a desired-state service for good and forget it."""
+        name = service.spec.name
+        service.retired = True
+        service.wake.set()
+        self._notify()  # one waiting for its dependencies stops waiting
+        await self._stop_service(service)
+        task = self._tasks.pop(name, None)
+        if task is not None:
+            await asyncio.wait({task})
+        await self._note(service, "removed by the desired state")
+        if self._services.get(name) is service:
+            del self._services[name]
+        self._records.pop(name, None)
+        if self._started:
+            await self._save()
+        log.info("service %s: removed by the desired state", name)
 
     async def close(self) -> None:
         """Stop every service, dependants before what they depend on (idempotent)."""
@@ -298,6 +390,8 @@ class Supervisor:
         self._closed.set()
         self._notify()
         try:
+            async with self._apply_lock:  # an apply under way starts nothing more; wait for it
+                pass
             for level in reversed(self._levels):
                 await asyncio.gather(*(self._stop_service(self._services[name])
                                        for name in level))
@@ -364,7 +458,7 @@ class Supervisor:
         """Start, watch and restart one service until the supervisor closes."""
         backoff = _backoff(service.spec)
         try:
-            while not self._closing:
+            while not self._closing and not service.retired:
                 try:
                     if not await self._cycle(service, backoff):
                         break
@@ -382,7 +476,7 @@ class Supervisor:
         if not await self._wait_for_dependencies(service):
             return False
         outcome = await self._run_once(service)
-        if self._closing or outcome.kind == "closed":
+        if self._closing or service.retired or outcome.kind == "closed":
             return False
         if outcome.kind == "restart":
             backoff.reset()
@@ -427,9 +521,10 @@ class Supervisor:
 
     async def _wait_for_dependencies(self, service: _Service) -> bool:
         """Wait until every dependency is healthy; False when the supervisor closes first."""
-        while not self._closing:
+        while not self._closing and not service.retired:
             missing = tuple(name for name in service.spec.depends_on
-                            if self._services[name].state != "running")
+                            if name not in self._services
+                            or self._services[name].state != "running")
             service.waiting_for = missing
             if not missing:
                 return True
@@ -442,7 +537,7 @@ class Supervisor:
         """Start the service, watch it until it ends, and clean up after it."""
         spec = service.spec
         async with service.lock:
-            if self._closing:
+            if self._closing or service.retired:
                 return _Outcome("closed")
             service.wake.clear()
             process, output, reason = await self._spawn(service)
@@ -476,7 +571,7 @@ class Supervisor:
         self._records.pop(spec.name, None)
         await self._save()
         await asyncio.to_thread(limits.remove, service.limits)
-        if self._closing:
+        if self._closing or service.retired:
             return _Outcome("closed", code)
         if kind == "exited":
             reason = _describe_exit(code)

@@ -232,6 +232,7 @@ class Telemetry:
         sampler: Sampler = read_metrics,
     ) -> None:
         self._interval = interval
+        self._interval_changed = asyncio.Event()
         self._data_dir = data_dir
         self._submit = submit
         self._sampler = sampler
@@ -240,10 +241,36 @@ class Telemetry:
         self.failures = 0  # ticks whose sampling or submit failed
         self.last_sample_ts: float | None = None  # "ts" of the last submitted sample
 
+    @property
+    def interval(self) -> float:
+        """Seconds between samples; 0 is off."""
+        return self._interval
+
+    def set_interval(self, seconds: float) -> None:
+        """Sample every `seconds` from now on (0: stop sampling)."""
+        if seconds != self._interval:
+            self._interval = seconds
+            self._interval_changed.set()
+
     async def run(self) -> None:
-        """Sample and submit on a monotonic schedule until cancelled; return at once if off."""
-        if self._interval <= 0:
-            return
+        """Sample and submit on a monotonic schedule until cancelled; idle while off."""
+        while True:
+            self._interval_changed.clear()
+            if self._interval <= 0:
+                await self._interval_changed.wait()
+                continue
+            sampling = asyncio.ensure_future(self._sample_forever())
+            changed = asyncio.ensure_future(self._interval_changed.wait())
+            try:
+                await asyncio.wait({sampling, changed}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for task in (sampling, changed):
+                    task.cancel()
+                await asyncio.gather(sampling, changed, return_exceptions=True)
+            if sampling.done() and not sampling.cancelled():
+                sampling.result()  # a failure of the loop itself is not hidden
+
+    async def _sample_forever(self) -> None:
         loop = asyncio.get_running_loop()
         # One dedicated thread rather than asyncio.to_thread: psutil keeps
         # cpu_percent()'s previous reading per thread, so a pool thread that

@@ -23,7 +23,7 @@ from edge.backoff import Backoff, reconnect_forever
 from edge.config import parse_mqtt_url
 from edge.errors import UplinkError
 from edge.mqtt import Closed, Inbound, MqttConnection, PublishResult, publish_packet_size
-from edge.outbox import Outbox, OutRow
+from edge.outbox import Outbox, OutRow, QueueStats
 from edge.settings import UplinkSettings
 
 __all__ = ["Uplink", "UplinkState"]
@@ -71,6 +71,9 @@ class Uplink:
     ) -> None:
         self.settings = settings
         self.on_down = on_down  # takes (local topic, payload); the future: stored, PUBACK it
+        # Takes a desired document's payload; the future: persisted (or refused), PUBACK it.
+        self.on_desired: Callable[[bytes], asyncio.Future[None] | None] | None = None
+        self.on_online: Callable[[], None] | None = None  # each time a connection is up
         self.node = node
         self.outbox = outbox
         self.boot = boot
@@ -106,11 +109,29 @@ class Uplink:
             self._state = state
             self._since = self._clock()
 
-    def _status_payload(self, state: str) -> bytes:
-        return bytes(cbor2.dumps({
-            "state": state, "ts": self._clock(), "boot": self.boot,
+    def _status_payload(self, state: str, conn: int, queue: QueueStats | None = None) -> bytes:
+        doc: dict[str, object] = {
+            "state": state, "ts": self._clock(), "boot": self.boot, "conn": conn,
             "heartbeat": self.settings.heartbeat,
-        }))
+        }
+        if queue is not None:
+            doc["queue"] = {"depth": queue.depth, "oldest_age": queue.oldest_age}
+        return bytes(cbor2.dumps(doc))
+
+    async def _online_status(self) -> bytes:
+        try:
+            queue: QueueStats | None = await self.outbox.stats()
+        except Exception:  # a failing database must not keep the node from saying it is up
+            queue = None
+        return self._status_payload("online", self._connects, queue)
+
+    def publish_retained(self, suffix: str, payload: bytes) -> bool:
+        """Publish `{base}/{suffix}` retained (QoS 1) if online; False when offline."""
+        conn = self._conn
+        if conn is None or conn.closed.done():
+            return False
+        conn.publish(f"{self.base}/{suffix}", payload, retain=True)
+        return True
 
     # ---- the connection loop -----------------------------------------------------
 
@@ -154,7 +175,8 @@ class Uplink:
         conn = MqttConnection(
             host=host, port=port, client_id=self.node, keepalive=self.settings.keepalive,
             v5=v5, session_expiry=self.settings.session_expiry,
-            will=(f"{self.base}/status", self._status_payload("offline")),
+            # The Will carries the number this connection will have once it is up.
+            will=(f"{self.base}/status", self._status_payload("offline", self._connects + 1)),
             max_inflight=self.settings.inflight + 4,
             connect_timeout=self.settings.connect_timeout,
             on_message=down,
@@ -169,7 +191,9 @@ class Uplink:
             self._last_error = None
         log.info("uplink online: %s (session present: %s)", self.settings.url,
                  connack.session_present)
-        status = conn.publish(f"{self.base}/status", self._status_payload("online"), retain=True)
+        status = conn.publish(f"{self.base}/status", await self._online_status(), retain=True)
+        if self.on_online is not None:
+            self.on_online()
         async with asyncio.TaskGroup() as tg:
             wire = self.settings.inflight
             if connack.receive_maximum is not None:
@@ -230,15 +254,18 @@ class Uplink:
         return True
 
     async def _subscribe_down(self, conn: MqttConnection) -> None:
-        """Ask for `{base}/down/#` on every connection (the session may be new)."""
-        if self.on_down is None:
+        """Ask for `{base}/down/#` and `{base}/desired` on every connection (the session
+        may be new; a fresh subscription also brings the retained desired document)."""
+        topics = ([f"{self.base}/down/#"] if self.on_down is not None else []) + (
+            [f"{self.base}/desired"] if self.on_desired is not None else [])
+        if not topics:
             return
-        topic = f"{self.base}/down/#"
         try:
-            await conn.subscribe([topic], timeout=self.settings.connect_timeout)
+            await conn.subscribe(topics, timeout=self.settings.connect_timeout)
         except UplinkError as exc:
             if str(exc) != self.down_error:
-                log.warning("uplink %s: no down messages: %s", self.settings.url, exc)
+                log.warning("uplink %s: no down messages or desired state: %s",
+                            self.settings.url, exc)
             self.down_error = str(exc)
             return
         self.down_error = None
@@ -248,6 +275,8 @@ class Uplink:
         stored = None
         if self.on_down is not None and message.topic.startswith(prefix):
             stored = self.on_down(message.topic[len(prefix):], message.payload)
+        elif self.on_desired is not None and message.topic == f"{self.base}/desired":
+            stored = self.on_desired(message.payload)
         if stored is None:
             conn.ack(message)  # rejected or not ours: never to be sent again
             return
@@ -262,7 +291,7 @@ class Uplink:
     async def _heartbeat(self, conn: MqttConnection) -> None:
         while True:
             await asyncio.sleep(self.settings.heartbeat)
-            conn.publish(f"{self.base}/status", self._status_payload("online"), retain=True)
+            conn.publish(f"{self.base}/status", await self._online_status(), retain=True)
 
     async def _watchdog(self, conn: MqttConnection) -> None:
         """Treat a broker that stops answering as gone within 1.5x keepalive."""
@@ -415,7 +444,8 @@ class Uplink:
         try:
             async with asyncio.timeout(timeout):
                 await conn.publish(
-                    f"{self.base}/status", self._status_payload("offline"), retain=True
+                    f"{self.base}/status", self._status_payload("offline", self._connects),
+                    retain=True,
                 )
         except TimeoutError:
             log.warning("broker did not acknowledge the offline status in %.1fs", timeout)

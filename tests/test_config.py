@@ -21,10 +21,12 @@ from edge.nodeid import default_node_id, validate_node_id
 from edge.settings import (
     ApiSettings,
     DiscoverySettings,
+    FleetSettings,
     LocalSettings,
     NodeSettings,
     QueueSettings,
     Settings,
+    StateSettings,
     TelemetrySettings,
     UplinkSettings,
 )
@@ -35,6 +37,7 @@ FULL = """\
 id = "pi-kitchen_01"
 profile = "raspberrypi-4"
 data_dir = "/srv/edge"
+labels = { site = "greenhouse-3", "row.no" = "7" }
 
 [uplink]
 url = "mqtt://broker.example.com:8884"
@@ -87,10 +90,17 @@ peer_timeout = "12s"
 forget_after = "2h"
 port = 8080
 scan_interval = "5s"
+
+[state]
+debounce = "500ms"
+
+[fleet]
+registry = "https://registry.example.com:8443/"
 """
 
 FULL_SETTINGS = Settings(
-    node=NodeSettings(id="pi-kitchen_01", profile="raspberrypi-4", data_dir=Path("/srv/edge")),
+    node=NodeSettings(id="pi-kitchen_01", profile="raspberrypi-4", data_dir=Path("/srv/edge"),
+                      labels={"site": "greenhouse-3", "row.no": "7"}),
     uplink=UplinkSettings(
         url="mqtt://broker.example.com:8884",
         prefix="acme/edge/v2",
@@ -125,6 +135,8 @@ FULL_SETTINGS = Settings(
         enabled=False, interfaces=("eth*", "wlan0"), exclude=("eth9",), peer_timeout=12.0,
         forget_after=7200.0, port=8080, scan_interval=5.0,
     ),
+    state=StateSettings(debounce=0.5),
+    fleet=FleetSettings(registry="https://registry.example.com:8443"),
 )
 
 SECTIONS = {
@@ -135,6 +147,8 @@ SECTIONS = {
     "api": ApiSettings,
     "telemetry": TelemetrySettings,
     "discovery": DiscoverySettings,
+    "state": StateSettings,
+    "fleet": FleetSettings,
 }
 
 
@@ -280,6 +294,12 @@ def test_services_become_specs_in_the_settings(tmp_path: Path) -> None:
         ("[discovery]\nscan_interval = '0s'\n", "[discovery] scan_interval", "from 1s to 1h"),
         ("[discovery]\nscan_interval = '2h'\n", "[discovery] scan_interval", 'got "2h"'),
         ("[discovery]\ninterfaces = []\n", "[discovery] interfaces", "enabled = false"),
+        ("[node]\nlabels = { 'a b' = 'x' }\n", "[node] labels", 'got {"a b": "x"}'),
+        ("[node]\nlabels = { site = 3 }\n", "[node] labels", 'got {"site": 3}'),
+        ("[node]\nlabels = 'site=x'\n", "[node] labels", 'got "site=x"'),
+        ("[state]\ndebounce = '10ms'\n", "[state] debounce", "from 0.1s to 1h"),
+        ("[fleet]\nregistry = 'ftp://r'\n", "[fleet] registry", 'got "ftp://r"'),
+        ("[fleet]\nregistry = 'http://r:99999'\n", "[fleet] registry", "http:// or https://"),
         (
             "[queue]\nmax_bytes = 'lots'\n",
             "[queue] max_bytes",

@@ -321,20 +321,43 @@ def test_failing_sampler_is_logged_and_the_loop_goes_on(
 
 
 @pytest.mark.parametrize("interval", [0.0, -1.0])
-def test_run_returns_at_once_when_telemetry_is_off(tmp_path: Path, interval: float) -> None:
+def test_telemetry_that_is_off_takes_no_sample(tmp_path: Path, interval: float) -> None:
     called = False
 
     async def submit(metrics: dict[str, object]) -> None:
         nonlocal called
         called = True
 
-    async def main() -> None:
-        await asyncio.wait_for(Telemetry(interval, tmp_path, submit).run(), timeout=0.5)
+    telemetry = Telemetry(interval, tmp_path, submit, sampler=lambda _: {"ts": time.time()})
+    asyncio.run(_run_for(telemetry, 0.3))
+    assert not called and telemetry.samples == 0
 
-    started = time.monotonic()
+
+def test_a_changed_interval_applies_while_running(tmp_path: Path) -> None:
+    times: list[float] = []
+
+    async def submit(metrics: dict[str, object]) -> None:
+        times.append(time.monotonic())
+
+    telemetry = Telemetry(0.0, tmp_path, submit, sampler=lambda _: {"ts": time.time()})
+
+    async def main() -> None:
+        task = asyncio.create_task(telemetry.run())
+        await asyncio.sleep(0.2)
+        assert not times  # off
+        telemetry.set_interval(0.05)
+        await asyncio.sleep(0.5)
+        on = len(times)
+        telemetry.set_interval(0.0)
+        await asyncio.sleep(0.1)
+        off = len(times)
+        await asyncio.sleep(0.3)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        assert on >= 4, f"{on} samples in 0.5s at a 0.05s interval"
+        assert len(times) == off, "samples went on after the interval was set to 0"
+
     asyncio.run(main())
-    assert time.monotonic() - started < 0.5
-    assert not called
 
 
 def test_cancel_while_submitting_propagates(tmp_path: Path) -> None:

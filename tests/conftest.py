@@ -8,6 +8,7 @@ disconnected), and the logs' tails are printed so a failing test shows them.
 from __future__ import annotations
 
 import os
+import subprocess
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import NoReturn
@@ -19,6 +20,9 @@ from tests.support.broker import Broker, find_mosquitto
 from tests.support.localpub import MqttClients
 from tests.support.net import free_port
 from tests.support.netns import Lan, netns_unavailable, sweep_leftovers
+from tests.support.postgres import Postgres, find_postgres
+from tests.support.registry import Registry
+from tests.support.simnode import SimNodes
 from tests.support.subscriber import UP_FILTER, Subscriber
 
 BrokerFactory = Callable[..., Broker]
@@ -162,3 +166,66 @@ def mqtt_clients() -> Iterator[MqttClients]:
     """
     with MqttClients() as made:
         yield made
+
+
+# ---- the registry: PostgreSQL, stores, registry processes ------------------------------
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[Postgres]:
+    """One PostgreSQL cluster for the session; skip (fail on CI) when it is not installed."""
+    bindir = find_postgres()
+    if bindir is None:
+        skip_missing("PostgreSQL 15 is not installed (apt-get install postgresql-15)")
+    server = Postgres(bindir)
+    try:
+        server.start()
+    except (RuntimeError, OSError, subprocess.CalledProcessError) as exc:
+        server.close()
+        skip_missing(f"PostgreSQL cannot start here: {exc}")
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def postgres_url(postgres_server: Postgres) -> str:
+    """A fresh, empty database on the session's PostgreSQL."""
+    return postgres_server.create_database()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """The registry's store, once per database: a new SQLite file or PostgreSQL database."""
+    if request.param == "sqlite":
+        return f"sqlite://{tmp_path / 'registry.db'}"
+    url: str = request.getfixturevalue("postgres_url")
+    return url
+
+
+RegistryFactory = Callable[..., Registry]
+
+
+@pytest.fixture
+def registry_factory(tmp_path: Path) -> Iterator[RegistryFactory]:
+    """Make started registries: registry_factory(broker, db_url, extra=[...], start=True)."""
+    made: list[Registry] = []
+
+    def make(broker: Broker, db_url: str, *, extra: Sequence[str] = (),
+             start: bool = True, wait_broker: bool = True) -> Registry:
+        reg = Registry(tmp_path / f"registry{len(made)}", broker_port=broker.port,
+                       db_url=db_url, extra=extra)
+        made.append(reg)
+        return reg.start(wait_broker=wait_broker) if start else reg
+
+    yield make
+    for reg in reversed(made):
+        reg.kill()
+        print(f"--- registry log tail ({reg.log_path}) ---\n{reg.log_tail()}")
+
+
+@pytest.fixture
+def sim_nodes() -> Iterator[SimNodes]:
+    """Make started simulated nodes: sim_nodes(broker.port, "n1", heartbeat=...)."""
+    made = SimNodes()
+    yield made
+    made.close()

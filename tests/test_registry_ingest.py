@@ -1,0 +1,213 @@
+"""The registry's ingest against a real mosquitto and a real store (SQLite and PostgreSQL)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import cbor2
+import pytest
+
+from tests.conftest import BrokerFactory, RegistryFactory
+from tests.support.broker import Broker
+from tests.support.mqttclient import connect, make_client, new_client_id
+from tests.support.net import wait_until
+from tests.support.registry import Registry
+from tests.support.simnode import PREFIX, SimNodes, reported_doc, status_doc
+
+
+@pytest.fixture
+def started_broker(broker_factory: BrokerFactory) -> Broker:
+    broker = broker_factory(name="cloud")
+    broker.start()
+    return broker
+
+
+def node_of(reg: Registry, node: str) -> dict[str, Any] | None:
+    status, body = reg.request("GET", f"/api/v1/nodes/{node}")
+    return body if status == 200 else None
+
+
+def wait_node(reg: Registry, node: str, what: str, ok: Any, timeout: float = 10.0) -> None:
+    def check() -> bool:
+        found = node_of(reg, node)
+        return found is not None and bool(ok(found))
+    try:
+        wait_until(check, timeout, what=what)
+    except TimeoutError:
+        raise AssertionError(f"{what}: node {node} is {node_of(reg, node)}") from None
+
+
+def rejected(reg: Registry) -> dict[str, int]:
+    counts: dict[str, int] = reg.get("/api/v1/stats")["rejected"]
+    return counts
+
+
+def publish_all(port: int, messages: list[tuple[str, bytes]]) -> None:
+    """Publish retained QoS 1 messages as fast as the broker takes them, then wait."""
+    client = make_client(new_client_id("bulk"))
+    client.max_inflight_messages_set(200)
+    connect(client, port)
+    client.loop_start()
+    try:
+        infos = [client.publish(t, p, qos=1, retain=True) for t, p in messages]
+        for info in infos:
+            info.wait_for_publish(20)
+    finally:
+        client.disconnect()
+        client.loop_stop()
+
+
+def test_spoofed_reported_document_is_rejected_and_counted(
+    started_broker: Broker, registry_factory: RegistryFactory, sim_nodes: SimNodes, db_url: str
+) -> None:
+    reg = registry_factory(started_broker, db_url)
+    node = sim_nodes(started_broker.port, "honest")
+    node.publish("reported", cbor2.dumps(reported_doc("victim", 99)))
+    node.reported(5)
+    wait_node(reg, "honest", "good document stored", lambda n: n["reported_version"] == 5)
+    assert rejected(reg)["spoofed"] == 1
+    assert node_of(reg, "victim") is None
+    assert "victim" not in reg.nodes()
+
+
+def test_malformed_and_oversized_documents_are_counted_and_the_next_good_one_served(
+    started_broker: Broker, registry_factory: RegistryFactory, sim_nodes: SimNodes, db_url: str
+) -> None:
+    reg = registry_factory(started_broker, db_url)
+    node = sim_nodes(started_broker.port, "n1")
+    node.publish("reported", b"\xff\x00 not cbor")
+    node.publish("status", cbor2.dumps(status_doc("online", boot=1, conn=1)
+                                       | {"pad": "x" * 5000}))  # over the status size limit
+    node.publish("reported", cbor2.dumps(reported_doc("n1", 3, services="web")))
+    node.publish("status", cbor2.dumps({"state": "maybe"}))
+    node.reported(4)
+    node.online()
+    wait_node(reg, "n1", "good documents stored",
+              lambda n: n["reported_version"] == 4 and n["online"])
+    assert rejected(reg)["invalid"] == 4
+    assert reg.get("/api/v1/stats")["documents"] == 2
+
+
+def test_late_older_reported_document_never_overwrites_the_newer(
+    started_broker: Broker, registry_factory: RegistryFactory, sim_nodes: SimNodes, db_url: str
+) -> None:
+    reg = registry_factory(started_broker, db_url)
+    node = sim_nodes(started_broker.port, "n1")
+    node.reported(10, profile="newest")
+    wait_node(reg, "n1", "version 10", lambda n: n["reported_version"] == 10)
+    node.reported(7, profile="late")
+    wait_until(lambda: rejected(reg)["older"] >= 1, 10, what="older document counted")
+    found = node_of(reg, "n1")
+    assert found is not None
+    assert (found["reported_version"], found["profile"]) == (10, "newest")
+    assert found["reported"]["version"] == 10
+
+
+def test_many_versions_in_a_burst_keep_the_newest(
+    started_broker: Broker, registry_factory: RegistryFactory, sim_nodes: SimNodes, db_url: str
+) -> None:
+    reg = registry_factory(started_broker, db_url)
+    versions = [5, 9, 2, 8, 7, 1]
+    publish_all(started_broker.port, [
+        (f"{PREFIX}/nodes/n{i}/reported", cbor2.dumps(reported_doc(f"n{i}", v)))
+        for v in versions for i in range(20)
+    ])
+    wait_until(lambda: len(reg.nodes()) == 20, 10, what="20 nodes stored")
+    wait_until(lambda: reg.get("/api/v1/stats")["documents"] == 120, 10,
+               what="every document handled")
+    assert {n["reported_version"] for n in reg.nodes().values()} == {9}
+
+
+def test_will_made_before_later_heartbeats_still_wins(
+    started_broker: Broker, registry_factory: RegistryFactory, sim_nodes: SimNodes, db_url: str
+) -> None:
+    reg = registry_factory(started_broker, db_url)
+    node = sim_nodes(started_broker.port, "n1")  # the Will's ts: now
+    time.sleep(0.05)
+    node.online()
+    node.online()  # heartbeats, newer ts than the Will
+    wait_node(reg, "n1", "online", lambda n: n["health"] == "healthy")
+    node.die()
+    wait_node(reg, "n1", "offline by the Will", lambda n: n["health"] == "offline")
+    assert node_of(reg, "n1")["status"]["state"] == "offline"  # type: ignore[index]
+
+
+def test_older_online_after_offline_does_not_win(
+    started_broker: Broker, registry_factory: RegistryFactory, sim_nodes: SimNodes, db_url: str
+) -> None:
+    reg = registry_factory(started_broker, db_url)
+    node = sim_nodes(started_broker.port, "n1", boot=1000.0, conn=2)
+    node.publish("status", cbor2.dumps(status_doc("offline", boot=1000.0, conn=2, ts=1500.0)))
+    wait_node(reg, "n1", "offline", lambda n: n["status"] is not None)
+    # A heartbeat of the same connection sent later than the Will's ts, and one of an
+    # earlier connection: both older than the offline.
+    node.publish("status", cbor2.dumps(status_doc("online", boot=1000.0, conn=2, ts=1600.0)))
+    node.publish("status", cbor2.dumps(status_doc("online", boot=1000.0, conn=1, ts=1700.0)))
+    wait_until(lambda: rejected(reg)["older"] >= 2, 10, what="two older statuses counted")
+    assert node_of(reg, "n1")["online"] is False  # type: ignore[index]
+    node.publish("status", cbor2.dumps(status_doc("online", boot=1000.0, conn=3, ts=1000.0)))
+    wait_node(reg, "n1", "online again on a new connection", lambda n: n["online"])
+
+
+def test_two_workers_on_one_shared_subscription_store_each_node_once_with_its_newest(
+    started_broker: Broker, registry_factory: RegistryFactory, postgres_url: str
+) -> None:
+    one = registry_factory(started_broker, postgres_url)
+    two = registry_factory(started_broker, postgres_url)
+    time.sleep(0.5)  # both retained reads over (--catchup-idle 0.3s): only live traffic below
+    publish_all(started_broker.port, [
+        (f"{PREFIX}/nodes/n{i:02d}/{kind}", doc)
+        for v in range(1, 6) for i in range(50)
+        for kind, doc in (("reported", cbor2.dumps(reported_doc(f"n{i:02d}", v))),
+                          ("status", cbor2.dumps(status_doc("online", boot=1, conn=v))))
+    ])
+
+    def done() -> bool:
+        seen = one.get("/api/v1/stats")["documents"] + two.get("/api/v1/stats")["documents"]
+        return seen >= 500
+    wait_until(done, 20, what="500 documents handled by the two workers")
+    nodes = one.get("/api/v1/nodes")["nodes"]
+    assert [n["node"] for n in nodes] == [f"n{i:02d}" for i in range(50)]
+    assert {n["reported_version"] for n in nodes} == {5}
+    assert all(n["online"] for n in nodes)
+    assert [n["reported_version"] for n in two.get("/api/v1/nodes")["nodes"]] == [5] * 50
+    assert one.get("/api/v1/stats")["documents"] > 0
+    assert two.get("/api/v1/stats")["documents"] > 0
+
+
+def test_registry_on_an_empty_database_rebuilds_its_view_from_retained_messages(
+    started_broker: Broker, registry_factory: RegistryFactory, sim_nodes: SimNodes, db_url: str,
+    tmp_path: Path, request: pytest.FixtureRequest,
+) -> None:
+    first = registry_factory(started_broker, db_url)
+    nodes = [sim_nodes(started_broker.port, f"n{i}") for i in range(3)]
+    for i, node in enumerate(nodes):
+        node.online(depth=i)
+        node.reported(100 + i, labels={"site": "lab"})
+    status, put = first.request("PUT", "/api/v1/nodes/n1/desired",
+                                {"services": {"web": {"command": ["sleep", "60"]}}})
+    assert status == 200 and put["published"] is True
+    wait_until(lambda: len(first.nodes()) == 3, 10, what="3 nodes stored")
+    first.stop()
+
+    if db_url.startswith("sqlite"):
+        empty = f"sqlite://{tmp_path / 'empty.db'}"
+    else:
+        empty = request.getfixturevalue("postgres_server").create_database()
+    second = registry_factory(started_broker, empty)
+
+    def rebuilt() -> bool:
+        got = second.nodes()
+        return len(got) == 3 and all(n["online"] and n["reported_version"] for n in
+                                     got.values()) and got["n1"]["desired_version"] == 1
+    wait_until(rebuilt, 10, what="view rebuilt from the broker")
+    got = second.nodes()
+    assert [got[f"n{i}"]["reported_version"] for i in range(3)] == [100, 101, 102]
+    assert [got[f"n{i}"]["queue_depth"] for i in range(3)] == [0, 1, 2]
+    assert got["n2"]["labels"] == {"site": "lab"}
+    detail = node_of(second, "n1")
+    assert detail is not None
+    assert detail["desired"]["services"] == {"web": {"command": ["sleep", "60"]}}
+    assert detail["desired_published"] is True

@@ -19,7 +19,10 @@ import paho.mqtt.client as mqtt
 
 from .mqttclient import SessionSubscriber, connect, make_client, new_client_id
 
-__all__ = ["UP_FILTER", "Received", "Subscriber", "read_status", "wait_status"]
+__all__ = [
+    "UP_FILTER", "Received", "Subscriber", "publish_retained", "read_retained", "read_status",
+    "wait_status",
+]
 
 UP_FILTER = "edge/v1/nodes/+/up/#"
 _POLL = 0.02
@@ -153,13 +156,18 @@ class Subscriber(SessionSubscriber):
 
 def read_status(port: int, node: str, timeout: float = 2.0) -> dict[str, Any] | None:
     """Read the retained `edge/v1/nodes/NODE/status` with a fresh, clean client."""
+    return read_retained(port, f"edge/v1/nodes/{node}/status", timeout)
+
+
+def read_retained(port: int, topic: str, timeout: float = 2.0) -> dict[str, Any] | None:
+    """Read the retained CBOR map on `topic` with a fresh, clean client (None: none there)."""
     got: list[dict[str, Any]] = []
     done = threading.Event()
-    client = make_client(new_client_id("test-status"))
+    client = make_client(new_client_id("test-retained"))
 
     def on_connect(c: mqtt.Client, userdata: Any, flags: Any, rc: Any, props: Any) -> None:
         if not rc.is_failure:
-            c.subscribe(f"edge/v1/nodes/{node}/status", qos=1)
+            c.subscribe(topic, qos=1)
 
     def on_message(c: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
         if msg.retain and not done.is_set():
@@ -180,6 +188,21 @@ def read_status(port: int, node: str, timeout: float = 2.0) -> dict[str, Any] | 
         client.disconnect()
         client.loop_stop()
     return got[0] if got else None
+
+
+def publish_retained(port: int, topic: str, payload: bytes, timeout: float = 10.0) -> None:
+    """Publish `payload` retained with QoS 1 and wait for the PUBACK."""
+    client = make_client(new_client_id("test-pub"))
+    connect(client, port)
+    client.loop_start()
+    try:
+        info = client.publish(topic, payload, qos=1, retain=True)
+        info.wait_for_publish(timeout)
+        if not info.is_published():
+            raise TimeoutError(f"no PUBACK for {topic} in {timeout}s")
+    finally:
+        client.disconnect()
+        client.loop_stop()
 
 
 def wait_status(port: int, node: str, state: str, timeout: float) -> dict[str, Any]:

@@ -411,6 +411,19 @@ def _status_table(s: dict[str, Any]) -> str:
         rows.append(("down", f"{down['received']} received, {down['delivered']} delivered,"
                              f" {down['pending']} waiting, {rejected} rejected,"
                              f" {down['expired']} expired"))
+    desired = s.get("desired")
+    if desired is not None:
+        failed = [key for key, item in (desired.get("items") or {}).items()
+                  if item.get("result") == "failed"]
+        line = (f"version {desired['version']} applied" if desired.get("version")
+                else "none received")
+        if failed:
+            line += f", {len(failed)} failed: {', '.join(failed)}"
+        rows.append(("desired", line))
+        rejected = desired.get("rejected")
+        if rejected:
+            rows.append(("rejected", f"desired version {rejected.get('version')}:"
+                                     f" {rejected.get('reason')}"))
     d, peers = s.get("discovery"), s.get("peers")
     if d is not None:
         line = d["state"]
@@ -431,10 +444,12 @@ def _status_table(s: dict[str, Any]) -> str:
 def _services_table(rows: list[dict[str, Any]]) -> str:
     if not rows:
         return "no services configured ([services.NAME] in the config file)"
-    header = ("NAME", "STATE", "PID", "RESTARTS", "LAST EXIT", "UPTIME", "HEALTH", "REASON")
+    header = ("NAME", "FROM", "STATE", "PID", "RESTARTS", "LAST EXIT", "UPTIME", "HEALTH",
+              "REASON")
     lines = [header] + [
         (
-            r["name"], r["state"], str(r.get("pid") or "-"), str(r.get("restarts", 0)),
+            r["name"], r.get("source", "config"), r["state"], str(r.get("pid") or "-"),
+            str(r.get("restarts", 0)),
             "-" if r.get("last_exit") is None else str(r["last_exit"]),
             _age(r.get("uptime")), r.get("health") or "-", _shown(r.get("reason") or "-", 60),
         )

@@ -215,7 +215,6 @@ def _facts(n: dict[str, Any], reported: dict[str, Any], status: dict[str, Any],
         oldest = _float(queue.get("oldest_age"))
     up, total = _int(n.get("services_up")), _int(n.get("services_total"))
     facts = [
-        ("health", _health_badge(n.get("health"))),
         ("online", "-" if not isinstance(online, bool) else ("yes" if online else "no")),
         ("last seen", _ago(n.get("last_seen"), now)),
         ("status", _status_line(status, now)),

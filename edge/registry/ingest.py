@@ -86,6 +86,7 @@ class Ingest:
         self._conn: MqttConnection | None = None
         self._stopping = False
         self._store_errors = Rejections(log, "batch write", every=30.0)
+        self._last_failure: str | None = None
 
     @property
     def online(self) -> bool:
@@ -117,13 +118,18 @@ class Ingest:
                 tg.create_task(self._writer())
                 await reconnect_forever(
                     self._session, Backoff(s.reconnect_initial, s.reconnect_max),
-                    failed=lambda why: log.warning("broker %s:%d: %s; reconnecting",
-                                                   s.broker_host, s.broker_port, why),
-                    ended=self._ended, stopping=lambda: self._stopping,
+                    failed=self._failed, ended=self._ended, stopping=lambda: self._stopping,
                     stable_after=10.0, what="registry ingest",
                 )
         finally:
             await self._goodbye()
+
+    def _failed(self, why: str) -> None:
+        # Once per reason: a broker down for an hour is one line, not one per attempt.
+        if why != self._last_failure:
+            log.warning("broker %s:%d: %s; reconnecting", self.settings.broker_host,
+                        self.settings.broker_port, why)
+        self._last_failure = why
 
     def _ended(self) -> None:
         self._conn = None
@@ -151,6 +157,7 @@ class Ingest:
         try:
             await conn.subscribe(self.filters(shared=True))
             self._conn = conn
+            self._last_failure = None
             log.info("connected to %s:%d, subscribed to %s", s.broker_host, s.broker_port,
                      ", ".join(self.filters(shared=True)))
             async with asyncio.TaskGroup() as tg:

@@ -276,8 +276,9 @@ class _Registry:
             return _Failed(f"registry {self.url}: {method} {path}: HTTP {exc.code}"
                            f" {exc.reason}: {_brief(raw)}", _EXIT_FAIL)
         # A 4xx with the API's error object is our request the registry refused.
-        kind = _EXIT_USAGE if 400 <= exc.code < 500 else _EXIT_FAIL
-        return _Failed(f"registry: {code}: {message}", kind)
+        if 400 <= exc.code < 500:
+            return _Failed(f"registry: {code}: {message}", _EXIT_USAGE)
+        return _Failed(f"registry {self.url}: {code}: {message}", _EXIT_FAIL)
 
 
 # --- the desired document -------------------------------------------------------------------
@@ -401,6 +402,8 @@ def _desired_cell(n: dict[str, Any]) -> str:
                 else f"v{wanted} pending" + (f" (applied v{applied})" if applied else ""))
     else:
         text = f"v{applied} applied" if applied else "-"
+    if n.get("desired_published") is False and wanted:
+        text += ", not published yet"
     if isinstance(n.get("desired_rejected"), dict):
         text += ", rejected"
     return text

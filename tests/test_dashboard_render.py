@@ -256,3 +256,11 @@ def test_node_page_without_documents() -> None:
     page = render_node(node("n1", reported=None, desired=None, status=None), now=NOW)
     assert "no services reported" in page and "no peers reported" in page
     assert "no desired state set" in page and "no status yet" in page
+
+
+def test_node_page_says_when_the_desired_document_waits_for_the_broker() -> None:
+    desired = {"v": 1, "version": 2, "services": {}}
+    waiting = render_node(node("n1", desired=desired, desired_published=False), now=NOW)
+    assert 'id="desired-unpublished"' in waiting
+    sent = render_node(node("n1", desired=desired, desired_published=True), now=NOW)
+    assert 'id="desired-unpublished"' not in sent

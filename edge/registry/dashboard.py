@@ -331,6 +331,9 @@ def _desired_vs_reported(n: dict[str, Any], desired: dict[str, Any], reported: d
         left = (f'<p id="desired-version">version {_num(version)},'
                 f' set {_ago(desired.get("ts"), now)}'
                 + (f" by {_e(by)}" if by else "") + "</p>")
+        if n.get("desired_published") is False:
+            left += ('<p class="result-failed" id="desired-unpublished">not published yet:'
+                     " the registry publishes it when its broker is back</p>")
     if applied is None:
         right = '<p class="empty">nothing reported</p>'
     elif version and applied >= version:

@@ -176,6 +176,11 @@ def test_dashboard_pages_render_the_fleet_and_404_an_unknown_node(
     wait_until(lambda: "n1" in reg.nodes(), 10, what="node stored")
     with urllib.request.urlopen(reg.url + "/?health=offline", timeout=10) as resp:
         assert resp.status == 200 and "n1" in resp.read().decode()
+    # A filter on another health hides the row but still counts the whole fleet.
+    with urllib.request.urlopen(reg.url + "/?health=healthy", timeout=10) as resp:
+        page = resp.read().decode()
+    assert 'data-node="n1"' not in page
+    assert 'data-filter="offline">offline<span class="count">1</span>' in page
     with urllib.request.urlopen(reg.url + "/nodes/n1", timeout=10) as resp:
         assert resp.status == 200 and "n1" in resp.read().decode()
     with pytest.raises(urllib.error.HTTPError) as err:

@@ -171,9 +171,9 @@ class Api:
         health = request.query.get("health") or None
         if health is not None and health not in HEALTHS:
             health = None
-        nodes = [n for n in await self._summaries_all()
-                 if health is None or n["health"] == health]
-        page = dashboard.render_fleet(nodes, health=health, now=time.time())
+        # The whole fleet: the page filters its rows itself and counts every health.
+        page = dashboard.render_fleet(await self._summaries_all(), health=health,
+                                      now=time.time())
         return web.Response(text=page, content_type="text/html")
 
     async def _summaries_all(self) -> list[dict[str, Any]]:

@@ -18,6 +18,8 @@ from typing import Any
 from edge.client import ApiClient
 from edge.config import DEFAULT_CONFIG, default_socket_path, load_settings
 from edge.errors import AgentNotRunning, ConfigError, EdgeError
+from edge.humane import age as _age
+from edge.humane import size as _size
 
 __all__ = ["main"]
 
@@ -330,27 +332,6 @@ def _fail(answer: dict[str, Any]) -> int:
         print(f"edge: {code}: {message}", file=sys.stderr)
     # A request the agent calls malformed is a usage error, like a bad flag.
     return EXIT_USAGE if code in ("bad_request", "unknown_service") else EXIT_FAIL
-
-
-def _age(seconds: float | None) -> str:
-    if seconds is None:
-        return "-"
-    if seconds < 120:
-        return f"{seconds:.0f}s"
-    if seconds < 7200:
-        return f"{seconds / 60:.0f}m"
-    if seconds < 172800:
-        return f"{seconds / 3600:.1f}h"
-    return f"{seconds / 86400:.1f}d"
-
-
-def _size(n: int) -> str:
-    value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if value < 1024 or unit == "GiB":
-            return f"{value:.0f}{unit}" if unit == "B" else f"{value:.1f}{unit}"
-        value /= 1024
-    return f"{n}B"
 
 
 def _count(n: int, noun: str) -> str:

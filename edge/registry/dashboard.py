@@ -15,6 +15,8 @@ from collections.abc import Iterable
 from typing import Any
 from urllib.parse import quote, urlencode
 
+from edge.humane import age as _age
+
 __all__ = ["HEALTHS", "REFRESH_SECONDS", "render_fleet", "render_node"]
 
 HEALTHS = ("offline", "stale", "online-backlogged", "healthy")
@@ -493,20 +495,6 @@ def _int(value: Any) -> int | None:
 
 def _num(value: int | None) -> str:
     return "-" if value is None else str(value)
-
-
-def _age(seconds: float | None) -> str:
-    if seconds is None or not math.isfinite(seconds):
-        return "-"
-    if seconds < 0:
-        seconds = 0.0
-    if seconds < 120:
-        return f"{seconds:.0f}s"
-    if seconds < 7200:
-        return f"{seconds / 60:.0f}m"
-    if seconds < 172800:
-        return f"{seconds / 3600:.1f}h"
-    return f"{seconds / 86400:.1f}d"
 
 
 def _ago(ts: Any, now: float) -> str:

@@ -297,12 +297,12 @@ _MAX_LABELS = 32
 
 def _labels(value: Any) -> dict[str, str]:
     expected = (f'a table of at most {_MAX_LABELS} labels like {{ site = "greenhouse-3" }}: keys'
-                ' of 1 to 63 characters A-Z a-z 0-9 _ . -, values text of at most 253'
+                ' of 1 to 63 characters A-Z a-z 0-9 _ . -, values text of 1 to 253'
                 ' characters')
     if not isinstance(value, dict) or len(value) > _MAX_LABELS:
         raise ValueError(f"expected {expected}, got {_show(value)}")
     for key, text in value.items():
-        if (not _LABEL_KEY.fullmatch(key) or not isinstance(text, str) or len(text) > 253
+        if (not _LABEL_KEY.fullmatch(key) or not isinstance(text, str) or not 1 <= len(text) <= 253
                 or _TOPIC_JUNK.search(text)):
             raise ValueError(f"expected {expected}, got {_show({key: text})}")
     return dict(value)

@@ -84,6 +84,8 @@ def add_fleet_parser(sub: Any) -> None:
                          help='the desired document, JSON or TOML; "-" reads stdin')
     desired.add_argument("--label", type=_label, metavar="KEY=VALUE",
                          help="every node with this label")
+    desired.add_argument("--provision", action="store_true",
+                         help="NODE has not reported yet (being installed): set it anyway")
     desired.add_argument("--json", action="store_true", help="print the answer as JSON")
     desired.set_defaults(handler=_desired)
 
@@ -169,7 +171,8 @@ def _desired_command(args: argparse.Namespace, registry: _Registry) -> int:
         key, value = args.label
         path = f"/api/v1/labels/{quote(key, safe='')}/{quote(value, safe='')}/desired"
     else:
-        path = f"/api/v1/nodes/{quote(args.node, safe='')}/desired"
+        path = f"/api/v1/nodes/{quote(args.node, safe='')}/desired" + (
+            "?provision=true" if args.provision else "")
     answer = registry.request("PUT", path, document)
     if not isinstance(answer, dict):
         raise _Failed(f"registry {registry.url}: expected an answer object, got"
@@ -303,9 +306,16 @@ def _read_document(name: str) -> dict[str, Any]:
     except ValueError as exc:  # TOMLDecodeError and JSONDecodeError are ValueErrors
         kind = "JSON" if as_json else "TOML"
         raise _Failed(f"{where}: not valid {kind}: {exc}", _EXIT_USAGE) from exc
+    except RecursionError:
+        kind = "JSON" if as_json else "TOML"
+        raise _Failed(f"{where}: not valid {kind}: nested too deeply", _EXIT_USAGE) from None
     if not isinstance(document, dict):
         raise _Failed(f"{where}: expected an object like {{\"services\": {{...}}}},"
                       f" got {type(document).__name__}", _EXIT_USAGE)
+    if not document:
+        # A truncated file would stop every service the registry runs there.
+        raise _Failed(f"{where}: the document is empty; to remove every service the registry"
+                      ' manages, send {"services": {}} on purpose', _EXIT_USAGE)
     return document
 
 
@@ -349,7 +359,8 @@ def _node_text(n: dict[str, Any], now: float) -> str:
          or "-"),
         ("queue", f"{_cell(n.get('queue_depth'))} messages, oldest"
                   f" {_age(_number(n.get('oldest_age')))}"),
-        ("services", _services(n) + " up"),
+        ("services", _services(n).replace("/", " of ", 1) + " up"
+         if _services(n) != "-" else "-"),
         ("reported", f"version {_cell(n.get('reported_version'))}"),
         ("desired", _desired_cell(n)),
     ]
@@ -392,7 +403,11 @@ def _node_text(n: dict[str, Any], now: float) -> str:
 
 def _services(n: dict[str, Any]) -> str:
     up, total = n.get("services_up"), n.get("services_total")
-    return "-" if up is None and total is None else f"{_cell(up)}/{_cell(total)}"
+    if up is None and total is None:
+        return "-"
+    # An offline node's figures are what it last said, not what runs now.
+    return f"{_cell(up)}/{_cell(total)}" + (" (last report)" if n.get("online") is False
+                                            else "")
 
 
 def _desired_cell(n: dict[str, Any]) -> str:
@@ -404,6 +419,9 @@ def _desired_cell(n: dict[str, Any]) -> str:
                 else f"v{wanted} pending" + (f" (applied v{applied})" if applied else ""))
     else:
         text = f"v{applied} applied" if applied else "-"
+    failed = n.get("desired_failed")
+    if isinstance(failed, int) and not isinstance(failed, bool) and failed > 0 and applied:
+        text += f", {failed} failed"
     if n.get("desired_published") is False and wanted:
         text += ", not published yet"
     if isinstance(n.get("desired_rejected"), dict):

@@ -178,6 +178,31 @@ def test_a_file_that_is_neither_json_nor_toml_exits_2(registry: Registry) -> Non
     assert "stdin: not valid TOML" in done.stderr
 
 
+@pytest.mark.parametrize(("name", "content", "message"), [
+    ("desired.toml", "", "the document is empty"),   # a truncated file
+    ("desired.json", "{}", "the document is empty"),
+    ("desired.json", "[" * 100_000, "nested too deeply"),
+])
+def test_an_empty_or_bomb_file_exits_2_before_asking_the_registry(
+    registry: Registry, tmp_path: Path, name: str, content: str, message: str,
+) -> None:
+    path = tmp_path / name
+    path.write_text(content)
+    done = fleet("desired", "n1", str(path), "--registry", registry.url)
+    assert done.returncode == 2, done.stderr
+    assert message in done.stderr and "Traceback" not in done.stderr
+
+
+def test_a_node_that_never_reported_needs_provision(registry: Registry, tmp_path: Path) -> None:
+    path = tmp_path / "desired.json"
+    path.write_text('{"services": {}}')
+    done = fleet("desired", "pi-new", str(path), "--registry", registry.url)
+    assert done.returncode == 2 and "provision" in done.stderr
+    done = fleet("desired", "--provision", "pi-new", str(path), "--registry", registry.url)
+    assert done.returncode == 0, done.stderr
+    assert "pi-new: desired version 1" in done.stdout
+
+
 def test_an_unreachable_registry_exits_1_naming_its_url() -> None:
     url = f"http://127.0.0.1:{free_port()}"
     for args in (["ls"], ["show", "n1"]):

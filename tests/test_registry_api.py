@@ -97,7 +97,7 @@ def test_desired_put_while_the_broker_is_down_is_published_on_reconnect(
     reg = registry_factory(started_broker, db_url)
     started_broker.stop()
     wait_until(lambda: reg.get("/healthz")["broker"] == "offline", 10, what="broker offline")
-    status, answer = put(reg, "/api/v1/nodes/n1/desired", WEB)
+    status, answer = put(reg, "/api/v1/nodes/n1/desired?provision=true", WEB)
     assert (status, answer) == (200, {"node": "n1", "version": 1, "published": False})
     assert reg.get("/api/v1/nodes/n1")["desired_published"] is False
     started_broker.start()
@@ -105,6 +105,32 @@ def test_desired_put_while_the_broker_is_down_is_published_on_reconnect(
                what="published after the reconnect")
     doc, retain = retained(started_broker.port, f"{PREFIX}/nodes/n1/desired")
     assert retain and doc["version"] == 1 and doc["services"] == WEB["services"]
+
+
+def test_a_put_for_a_node_never_heard_of_is_refused_unless_provisioning(
+    started_broker: Broker, registry_factory: RegistryFactory, db_url: str
+) -> None:
+    reg = registry_factory(started_broker, db_url)
+    status, answer = put(reg, "/api/v1/nodes/typo-node/desired", WEB)
+    assert status == 404 and answer["error"]["code"] == "unknown_node"
+    assert "provision=true" in answer["error"]["message"]
+    assert reg.nodes() == {}
+    status, answer = put(reg, "/api/v1/nodes/new-pi/desired?provision=true", WEB)
+    assert status == 200 and answer["version"] == 1
+    node = reg.get("/api/v1/nodes/new-pi")
+    # The registry's own document is no sign of the node's life.
+    assert node["last_seen"] is None and node["health"] == "offline"
+
+
+def test_deeply_nested_json_and_bad_node_ids_get_400(
+    started_broker: Broker, registry_factory: RegistryFactory, db_url: str
+) -> None:
+    reg = registry_factory(started_broker, db_url)
+    status, answer = put(reg, "/api/v1/nodes/n1/desired", raw=b"[" * 100_000)
+    assert status == 400 and answer["error"]["code"] == "bad_json"
+    status, answer = reg.request("GET", "/api/v1/nodes/bad%20id")
+    assert status == 400 and answer["error"]["code"] == "bad_node"
+    assert reg.get("/healthz")["ok"] is True  # and it goes on serving
 
 
 def test_label_group_put_sets_desired_on_every_node_with_the_label(

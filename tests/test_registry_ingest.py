@@ -177,6 +177,24 @@ def test_two_workers_on_one_shared_subscription_store_each_node_once_with_its_ne
     assert two.get("/api/v1/stats")["documents"] > 0
 
 
+def test_registries_in_different_share_groups_each_get_every_document(
+    started_broker: Broker, registry_factory: RegistryFactory, tmp_path: Path
+) -> None:
+    prod = registry_factory(started_broker, f"sqlite://{tmp_path / 'prod.db'}",
+                            extra=["--share-group", "prod"])
+    staging = registry_factory(started_broker, f"sqlite://{tmp_path / 'staging.db'}",
+                               extra=["--share-group", "staging"])
+    time.sleep(0.5)  # both retained reads over: only live traffic below
+    publish_all(started_broker.port, [
+        (f"{PREFIX}/nodes/n{i:02d}/reported", cbor2.dumps(reported_doc(f"n{i:02d}", v)))
+        for v in range(1, 4) for i in range(20)
+    ])
+    for reg in (prod, staging):
+        wait_until(lambda r=reg: r.get("/api/v1/stats")["documents"] >= 60, 20,
+                   what="every document in each registry")
+        assert [n["reported_version"] for n in reg.get("/api/v1/nodes")["nodes"]] == [3] * 20
+
+
 def test_registry_on_an_empty_database_rebuilds_its_view_from_retained_messages(
     started_broker: Broker, registry_factory: RegistryFactory, sim_nodes: SimNodes, db_url: str,
     tmp_path: Path, request: pytest.FixtureRequest,
@@ -186,10 +204,10 @@ def test_registry_on_an_empty_database_rebuilds_its_view_from_retained_messages(
     for i, node in enumerate(nodes):
         node.online(depth=i)
         node.reported(100 + i, labels={"site": "lab"})
+    wait_until(lambda: len(first.nodes()) == 3, 10, what="3 nodes stored")
     status, put = first.request("PUT", "/api/v1/nodes/n1/desired",
                                 {"services": {"web": {"command": ["sleep", "60"]}}})
     assert status == 200 and put["published"] is True
-    wait_until(lambda: len(first.nodes()) == 3, 10, what="3 nodes stored")
     first.stop()
 
     if db_url.startswith("sqlite"):

@@ -282,10 +282,12 @@ def test_a_killed_agent_is_offline_within_one_and_a_half_keepalives(
     registry = registry_factory(broker, sqlite_url(tmp_path))
     agent = agent_factory(broker, overrides=FAST)  # keepalive 2s
     wait_node(registry, lambda n: n["health"] == "healthy", what="node healthy")
-    killed = time.monotonic()
+    killed, killed_at = time.monotonic(), time.time()
     agent.kill9()
-    wait_node(registry, lambda n: n["health"] == "offline", timeout=10, what="offline")
+    node = wait_node(registry, lambda n: n["health"] == "offline", timeout=10, what="offline")
     took = time.monotonic() - killed
+    # The Last Will comes from the broker, not the node: it does not make it "seen".
+    assert node["last_seen"] <= killed_at
     # mosquitto waits 1.5 keepalives; the registry's poll and write add well under 1s.
     assert took <= 2 * 1.5 + 1.0, f"offline only after {took:.1f}s"
 

@@ -29,6 +29,10 @@ def add_registry_parser(sub: Any) -> None:
     serve.add_argument("--prefix", default="edge/v1", help="topic prefix (default edge/v1)")
     serve.add_argument("--client-id", metavar="ID",
                        help="MQTT client id, unique per worker (default edge-registry-HOST-PID)")
+    serve.add_argument("--share-group", default="edge-registry", metavar="NAME",
+                       help="the shared subscription group: the workers of one registry use"
+                            " the same one, another registry (staging, a second store) its"
+                            " own (default edge-registry)")
     serve.add_argument("--stale-after", default="3", metavar="N",
                        help="an online node is stale after N heartbeats unheard (default 3)")
     serve.add_argument("--backlog-depth", default="10000", metavar="N",
@@ -98,7 +102,13 @@ def _settings(args: argparse.Namespace) -> Any:
         backlog_age=flag("--backlog-age", duration, args.backlog_age),
     )
     reconnect_max = flag("--reconnect-max", duration, args.reconnect_max)
+    share_group = args.share_group
+    if not share_group or len(share_group) > 64 or not all(
+            c.isascii() and (c.isalnum() or c in "_-") for c in share_group):
+        raise ValueError(f"--share-group: expected 1 to 64 characters A-Z a-z 0-9 _ -,"
+                         f" got {share_group!r}")
     return RegistrySettings(
+        share_group=share_group,
         broker_host=broker_host, broker_port=broker_port, db_url=db_url,
         http_host=http_host, http_port=http_port, prefix=prefix, client_id=client_id,
         health=policy, reconnect_max=max(reconnect_max, 0.2),

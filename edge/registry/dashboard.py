@@ -168,6 +168,9 @@ def _fleet_row(n: dict[str, Any], now: float) -> str:
     queue = _int(n.get("queue_depth"))
     up, total = _int(n.get("services_up")), _int(n.get("services_total"))
     services = "-" if up is None and total is None else f"{_num(up)}/{_num(total)}"
+    if services != "-" and n.get("online") is False:
+        # What it last said, not what runs now.
+        services = f'<span class="muted" title="as last reported">{services}</span>'
     cells = [
         f'<td class="node"><a href="{_e(href)}">{_e(node_id) or "?"}</a>{_labels(n.get("labels"))}'
         "</td>",
@@ -198,6 +201,9 @@ def _desired_summary(n: dict[str, Any]) -> str:
                             else ""))
     elif applied:
         parts.append(f"v{applied} applied")
+    failed = _int(n.get("desired_failed"))
+    if failed and applied:
+        parts.append(f'<span class="result-failed">{failed} failed</span>')
     if rejected:
         reason = _text(rejected.get("reason"))
         parts.append(f'<span class="result-failed" title="{_e(reason)}">rejected</span>')

@@ -56,6 +56,14 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         raise
 
 
+def _node_of(request: web.Request) -> str:
+    node = request.match_info["node"]
+    if not _NODE.fullmatch(node):
+        raise ApiError(400, "bad_node",
+                       f"node: expected 1 to 64 characters A-Z a-z 0-9 _ -, got {node!r}")
+    return node
+
+
 class Api:
     """The handlers, over the store, the publisher and the ingest's counters."""
 
@@ -95,7 +103,7 @@ class Api:
         return None if row is None else node_detail(row, now=time.time(), policy=self.policy)
 
     async def get_node(self, request: web.Request) -> web.Response:
-        node = request.match_info["node"]
+        node = _node_of(request)
         found = await self._detail(node)
         if found is None:
             raise ApiError(404, "unknown_node", f"no node {node!r} in the registry")
@@ -113,6 +121,8 @@ class Api:
             doc = json.loads(raw)
         except (ValueError, UnicodeDecodeError) as exc:
             raise ApiError(400, "bad_json", f"body: not JSON: {exc}") from None
+        except RecursionError:
+            raise ApiError(400, "bad_json", "body: nested too deeply") from None
         if not isinstance(doc, dict):
             raise ApiError(400, "invalid_desired",
                            f"desired: expected an object, got {type(doc).__name__}")
@@ -129,11 +139,20 @@ class Api:
         return f"registry ({request.remote or 'unknown'})"
 
     async def put_desired(self, request: web.Request) -> web.Response:
-        node = request.match_info["node"]
-        if not _NODE.fullmatch(node):
-            raise ApiError(400, "bad_node",
-                           f"node: expected 1 to 64 characters A-Z a-z 0-9 _ -, got {node!r}")
+        node = _node_of(request)
         doc = await self._desired_body(request)
+        provision = request.query.get("provision", "false")
+        if provision not in ("true", "false"):
+            raise ApiError(400, "bad_request", f"provision: expected true or false, got"
+                                               f" {provision!r}")
+        row = await self.store.node(node)
+        heard = row is not None and (row["reported_version"] is not None
+                                     or row["status_offline"] is not None)
+        if not heard and provision != "true":
+            # A typo must not make a fleet member; a node not yet installed is asked for.
+            raise ApiError(404, "unknown_node", f"no node {node!r} has reported to the"
+                           " registry; to set the desired state of a node before it first"
+                           " connects, add ?provision=true")
         version, published = await self.publisher.put(node, doc, by=self._by(request))
         return web.json_response({"node": node, "version": version, "published": published})
 

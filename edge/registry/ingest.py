@@ -30,8 +30,6 @@ __all__ = ["Ingest", "IngestStats"]
 
 log = logging.getLogger("edge.registry.ingest")
 
-SHARE_GROUP = "edge-registry"
-
 
 @dataclass
 class IngestStats:
@@ -95,7 +93,7 @@ class Ingest:
 
     def filters(self, *, shared: bool) -> list[str]:
         """The topic filters: shared ones for the live feed, plain ones for retained."""
-        head = f"$share/{SHARE_GROUP}/" if shared else ""
+        head = f"$share/{self.settings.share_group}/" if shared else ""
         return [f"{head}{self.settings.prefix}/nodes/+/{kind}" for kind in KINDS]
 
     async def publish(self, topic: str, payload: bytes) -> bool:

@@ -48,7 +48,7 @@ class StatusRow:
     """A node's status: ordered by `order` (boot, conn, offline after online, ts)."""
 
     node: str
-    seen: float
+    seen: float | None  # None for an offline status: the broker's Last Will, perhaps
     order: tuple[float, int, int, float]
     heartbeat: float | None
     queue_depth: int | None
@@ -75,6 +75,7 @@ class ReportedRow:
     services_total: int
     desired_applied: int
     desired_rejected: str | None  # JSON
+    desired_failed: int           # items of the applied desired document that failed
 
     @property
     def key(self) -> tuple[Any, ...]:
@@ -86,7 +87,7 @@ class DesiredRow:
     """A desired document seen on the broker (retained there, so published)."""
 
     node: str
-    seen: float
+    seen: None   # the registry's own document: not a sign of the node's life
     version: int
     body: bytes  # the document without its version (see desired_body)
 
@@ -132,7 +133,8 @@ def to_row(node: str, kind: str, payload: bytes, seen: float) -> Row | Rejected:
         doc = decode_document(payload, _LIMITS[kind], kind)
         if kind == "status":
             status = parse_status(doc)
-            return StatusRow(node, seen, status_order(status), status.heartbeat,
+            return StatusRow(node, seen if status.online else None, status_order(status),
+                             status.heartbeat,
                              status.queue_depth, status.oldest_age, payload)
         if kind == "reported":
             if doc.get("node") != node:
@@ -141,7 +143,7 @@ def to_row(node: str, kind: str, payload: bytes, seen: float) -> Row | Rejected:
             version = check_reported(doc, node)
             return _reported(node, seen, version, doc, payload)
         desired = parse_desired(doc)
-        return DesiredRow(node, seen, desired.version, desired_body(doc))
+        return DesiredRow(node, None, desired.version, desired_body(doc))
     except DocumentError as exc:
         return Rejected("invalid", f"node {node}: {exc}")
     except Exception as exc:  # a document must never take the ingest down
@@ -153,6 +155,10 @@ def _reported(node: str, seen: float, version: int, doc: Mapping[Any, Any],
     services = [s for s in doc.get("services") or () if isinstance(s, Mapping)]
     applied = doc.get("desired_applied")
     rejected = doc.get("desired_rejected")
+    desired = doc.get("desired")
+    items = desired.get("items") if isinstance(desired, Mapping) else None
+    failed = sum(1 for item in (items.values() if isinstance(items, Mapping) else ())
+                 if isinstance(item, Mapping) and item.get("result") == "failed")
     return ReportedRow(
         node=node, seen=seen, version=version, doc=payload,
         profile=doc.get("profile") if isinstance(doc.get("profile"), str) else None,
@@ -163,4 +169,5 @@ def _reported(node: str, seen: float, version: int, doc: Mapping[Any, Any],
         desired_applied=applied if isinstance(applied, int) and not isinstance(applied, bool)
         and 0 <= applied < 2**63 else 0,
         desired_rejected=_json(rejected) if isinstance(rejected, Mapping) else None,
+        desired_failed=failed,
     )

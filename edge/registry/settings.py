@@ -13,6 +13,7 @@ from edge.registry.health import HealthPolicy
 __all__ = ["RegistrySettings", "check_prefix", "db_url_for_humans", "default_db_url", "parse_http"]
 
 _PREFIX_JUNK = re.compile(r"[+#\x00-\x1f\x7f-\x9f]")
+_SHARE_GROUP = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
 def default_db_url() -> str:
@@ -64,6 +65,7 @@ class RegistrySettings:
     http_port: int = 8080
     prefix: str = "edge/v1"
     client_id: str = "edge-registry"
+    share_group: str = "edge-registry"  # workers of one registry share it; other registries not
     health: HealthPolicy = field(default_factory=HealthPolicy)
     keepalive: float = 30.0
     connect_timeout: float = 10.0
@@ -78,6 +80,9 @@ class RegistrySettings:
 
     def __post_init__(self) -> None:
         check_prefix(self.prefix)
+        if not _SHARE_GROUP.fullmatch(self.share_group):
+            raise ValueError(f"expected a group name of 1 to 64 characters A-Z a-z 0-9 _ -,"
+                             f" got {self.share_group!r}")
         if self.reconnect_initial <= 0 or self.reconnect_max < self.reconnect_initial:
             raise ValueError("reconnect: expected 0 < initial <= max")
         if self.batch_max < 1 or self.receive_maximum < 1:

@@ -3,7 +3,8 @@
 Both dialects get the same schema and the same conditional upserts: an
 INSERT ... ON CONFLICT DO UPDATE whose SET keeps the stored values unless the
 incoming document is newer, so a late, older document never wins, whichever
-worker writes it. `last_seen` always moves to the greatest of both.
+worker writes it. `last_seen` always moves to the greatest of both; only what
+the node itself says moves it (an online status, a reported document).
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ COLUMNS: dict[str, str] = {
     "services_total": "int8",
     "desired_applied": "int8",
     "desired_rejected": "text",
+    "desired_failed": "int8",
     "desired": "blob",
     "desired_version": "int8",
     "desired_published": "int8",
@@ -57,7 +59,7 @@ WRITES: dict[str, tuple[str, ...]] = {
     "status": ("status", "status_boot", "status_conn", "status_offline", "status_ts",
                "heartbeat", "queue_depth", "oldest_age"),
     "reported": ("reported", "reported_version", "profile", "agent", "labels", "services_up",
-                 "services_total", "desired_applied", "desired_rejected"),
+                 "services_total", "desired_applied", "desired_rejected", "desired_failed"),
     "desired": ("desired", "desired_version"),
 }
 KEYS: dict[str, tuple[str, ...]] = {
@@ -115,7 +117,9 @@ def upsert(d: Dialect, kind: str) -> str:
     newer = _newer(kind)
     sets = [f"{c} = CASE WHEN {newer} THEN excluded.{c} ELSE nodes.{c} END"
             for c in WRITES[kind]]
-    sets.append(f"last_seen = {d.greatest}(coalesce(nodes.last_seen, 0), excluded.last_seen)")
+    # NULL (a desired document, a Last Will) says nothing of when the node was last heard.
+    sets.append(f"last_seen = nullif({d.greatest}(coalesce(nodes.last_seen, 0),"
+                f" coalesce(excluded.last_seen, 0)), 0)")
     if kind == "desired":
         # Found on the broker: it is published (also when it is the one stored).
         equal_or_newer = newer.replace(" < ", " <= ")

@@ -70,7 +70,8 @@ def params_of(row: Row) -> tuple[Any, ...]:
                 row.queue_depth, row.oldest_age)
     if isinstance(row, ReportedRow):
         return (row.node, row.seen, row.doc, row.version, row.profile, row.agent, row.labels,
-                row.services_up, row.services_total, row.desired_applied, row.desired_rejected)
+                row.services_up, row.services_total, row.desired_applied, row.desired_rejected,
+                row.desired_failed)
     assert isinstance(row, DesiredRow)
     return (row.node, row.seen, row.body, row.version, 1)
 

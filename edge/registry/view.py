@@ -66,6 +66,7 @@ def node_summary(row: Mapping[str, Any], *, now: float, policy: HealthPolicy) ->
         "agent": row["agent"],
         "labels": _loads_json(row["labels"]) or {},
         "desired_rejected": _loads_json(row["desired_rejected"]),
+        "desired_failed": row["desired_failed"] or 0,
     }
 
 

@@ -46,6 +46,9 @@ def add_registry_parser(sub: Any) -> None:
     serve.add_argument("--catchup-idle", default="1s", metavar="DURATION",
                        help="the retained read at each connection ends after this long"
                             " without a retained document (default 1s)")
+    serve.add_argument("--catchup-max", default="60s", metavar="DURATION",
+                       help="... and after this long in any case; raise it past about"
+                            " 150,000 nodes (default 60s)")
     serve.add_argument("--log-level", type=str.upper, choices=_LOG_LEVELS, metavar="LEVEL",
                        help="DEBUG, INFO, WARNING or ERROR (default INFO, or $EDGE_LOG_LEVEL)")
     serve.set_defaults(handler=_serve)
@@ -113,6 +116,7 @@ def _settings(args: argparse.Namespace) -> Any:
         http_host=http_host, http_port=http_port, prefix=prefix, client_id=client_id,
         health=policy, reconnect_max=max(reconnect_max, 0.2),
         catchup_idle=flag("--catchup-idle", duration, args.catchup_idle),
+        catchup_max=flag("--catchup-max", duration, args.catchup_max),
     )
 
 

@@ -233,6 +233,7 @@ class MqttConnection:
         self._misc: asyncio.TimerHandle | None = None
         self._write_scheduled = False
         self._writer_on = False  # a writer callback waits for room in the socket buffer
+        self._reading_paused = False
         self.last_inbound = time.monotonic()
         self._probe_sent_at: float | None = None
 
@@ -247,7 +248,8 @@ class MqttConnection:
     def _on_socket_open(self, client: paho.Client, userdata: Any, sock: Any) -> None:
         def attach() -> None:
             self._sock = sock
-            self._loop.add_reader(sock, self._readable)
+            if not self._reading_paused:
+                self._loop.add_reader(sock, self._readable)
             self._schedule_misc()
         self._in_loop(attach)
 
@@ -507,6 +509,21 @@ class MqttConnection:
     def closed(self) -> asyncio.Future[Closed]:
         """Resolves with how the connection ended."""
         return self._closed
+
+    def pause_reading(self) -> None:
+        """Read nothing more for now: TCP flow control makes the broker wait."""
+        if not self._reading_paused:
+            self._reading_paused = True
+            if self._sock is not None:
+                self._loop.remove_reader(self._sock)
+
+    def resume_reading(self) -> None:
+        """Read again after `pause_reading()`."""
+        if self._reading_paused:
+            self._reading_paused = False
+            if self._sock is not None:
+                self._loop.add_reader(self._sock, self._readable)
+                self._loop.call_soon(self._readable)  # what was buffered meanwhile
 
     def probe(self) -> None:
         """Ask the broker for a sign of life (PINGREQ) unless one is already out."""

@@ -73,3 +73,23 @@ async def test_many_small_messages_in_one_read_are_all_delivered(broker: Broker)
     assert [m.payload for m in received] == [b"%05d" % i for i in range(3000)]
     for conn in (reader, writer):
         await conn.disconnect()
+
+
+async def test_a_paused_reader_takes_nothing_until_resumed_then_everything(
+    broker: Broker,
+) -> None:
+    """pause_reading() leaves the socket unread (the broker waits), resume_reading() reads on."""
+    broker.start()
+    reader, received = await acking_reader(broker, "held/#", receive_maximum=1000)
+    writer = await connect(broker, "writer", max_inflight=1000)
+    reader.pause_reading()
+    acks = [writer.publish("held/t", b"%04d" % i) for i in range(500)]
+    async with asyncio.timeout(30):
+        await asyncio.gather(*acks)  # the broker has them all
+    await asyncio.sleep(0.3)
+    assert received == []
+    reader.resume_reading()
+    await until(lambda: len(received) >= 500, timeout=30, what="every message after resuming")
+    assert [m.payload for m in received] == [b"%04d" % i for i in range(500)]
+    for conn in (reader, writer):
+        await conn.disconnect()

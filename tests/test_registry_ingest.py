@@ -229,3 +229,38 @@ def test_registry_on_an_empty_database_rebuilds_its_view_from_retained_messages(
     assert detail is not None
     assert detail["desired"]["services"] == {"web": {"command": ["sleep", "60"]}}
     assert detail["desired_published"] is True
+
+
+async def test_a_long_write_queue_pauses_reading_and_loses_nothing(
+    started_broker: Broker, tmp_path: Path
+) -> None:
+    """Past `queue_high` waiting documents the ingest stops reading; all are stored after."""
+    import asyncio
+
+    from edge.registry.ingest import Ingest
+    from edge.registry.settings import RegistrySettings
+    from edge.registry.store import open_store
+
+    store = await open_store(f"sqlite://{tmp_path / 'r.db'}")
+    settings = RegistrySettings(broker_port=started_broker.port, db_url="sqlite:///unused",
+                                client_id="paused-ingest", batch_max=5, queue_high=40,
+                                catchup_idle=0.2)
+    ingest = Ingest(settings, store)
+    task = asyncio.create_task(ingest.run())
+    try:
+        await asyncio.to_thread(wait_until, lambda: ingest.online, 10, what="ingest online")
+        await asyncio.to_thread(publish_all, started_broker.port, [
+            (f"{PREFIX}/nodes/n{i:03d}/reported", cbor2.dumps(reported_doc(f"n{i:03d}", 7)))
+            for i in range(600)
+        ])
+        for _ in range(300):
+            if ingest.stats.documents >= 600:
+                break
+            await asyncio.sleep(0.05)
+        nodes = await store.nodes()
+        assert len(nodes) == 600 and {n["reported_version"] for n in nodes} == {7}
+        assert ingest.stats.pauses >= 1
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await store.close()

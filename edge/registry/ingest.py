@@ -41,6 +41,7 @@ class IngestStats:
     written: int = 0     # of those, stored
     batches: int = 0
     catchups: int = 0    # retained reads done
+    pauses: int = 0      # times reading stopped because too much waited to be written
 
 
 class _Source:
@@ -85,6 +86,7 @@ class Ingest:
         self._stopping = False
         self._store_errors = Rejections(log, "batch write", every=30.0)
         self._last_failure: str | None = None
+        self._paused: set[_Source] = set()  # connections not read while the queue is long
 
     @property
     def online(self) -> bool:
@@ -197,6 +199,20 @@ class Ingest:
     def _enqueue(self, source: _Source, msg: Inbound) -> None:
         self._queue.append((source, msg, time.time()))
         self._wake.set()
+        # A broker that sends past our Receive Maximum (mosquitto 2.0 does) must not
+        # grow this queue without end: stop reading until the writer catches up.
+        if len(self._queue) >= self.settings.queue_high and source.conn is not None \
+                and source not in self._paused:
+            self._paused.add(source)
+            self.stats.pauses += 1
+            source.conn.pause_reading()
+
+    def _resume_reading(self) -> None:
+        if self._paused and len(self._queue) <= self.settings.queue_high // 4:
+            for source in self._paused:
+                if source.conn is not None:
+                    source.conn.resume_reading()
+            self._paused.clear()
 
     async def _writer(self) -> None:
         while True:
@@ -210,6 +226,7 @@ class Ingest:
                     await self._write(rows)
                 for source, msg, _ in batch:
                     source.ack(msg)
+                self._resume_reading()
                 await asyncio.sleep(0)  # let the connections read (and ack) between batches
 
     def _rows(self, batch: list[tuple[_Source, Inbound, float]]) -> list[Row]:

@@ -74,6 +74,7 @@ class RegistrySettings:
     catchup_idle: float = 1.0       # the retained read ends after this long without one
     catchup_max: float = 60.0       # and after this long in any case
     batch_max: int = 2000           # documents written in one go
+    queue_high: int = 20000         # documents waiting to be written before reading pauses
     receive_maximum: int = 4000     # unacknowledged QoS 1 messages the broker may send us
     publish_timeout: float = 5.0    # waiting for the PUBACK of a desired document
     max_body: int = 256 * 1024      # HTTP request bodies

@@ -177,7 +177,7 @@ class LocalBus:
         log.info("local broker online: %s as %s (session present: %s), forwarding %s",
                  self.settings.url, self.client_id, connack.session_present,
                  ", ".join(self.settings.forward))
-        closed = await conn.closed
+        closed = await asyncio.shield(conn.closed)  # a cancel must not mark it closed
         raise UplinkError(closed.reason)
 
     async def _subscribe(self, conn: MqttConnection, resumed: bool) -> None:

@@ -234,6 +234,7 @@ class MqttConnection:
         self._write_scheduled = False
         self._writer_on = False  # a writer callback waits for room in the socket buffer
         self._reading_paused = False
+        self._drain_finish: Callable[[], None] | None = None  # closes a socket being drained
         self.last_inbound = time.monotonic()
         self._probe_sent_at: float | None = None
 
@@ -406,8 +407,8 @@ class MqttConnection:
             self.abort()
             why = str(exc) or "timed out"
             raise UplinkError(f"cannot connect to {self.host}:{self.port}: {why}") from exc
-        except UplinkError:
-            self.abort()
+        except (UplinkError, asyncio.CancelledError):
+            self.abort()  # no half-open socket left behind
             raise
 
     def send(
@@ -514,14 +515,14 @@ class MqttConnection:
         """Read nothing more for now: TCP flow control makes the broker wait."""
         if not self._reading_paused:
             self._reading_paused = True
-            if self._sock is not None:
+            if self._sock is not None and not self._aborting:  # never the goodbye's drain
                 self._loop.remove_reader(self._sock)
 
     def resume_reading(self) -> None:
         """Read again after `pause_reading()`."""
         if self._reading_paused:
             self._reading_paused = False
-            if self._sock is not None:
+            if self._sock is not None and not self._aborting:
                 self._loop.add_reader(self._sock, self._readable)
                 self._loop.call_soon(self._readable)  # what was buffered meanwhile
 
@@ -569,10 +570,14 @@ class MqttConnection:
                 await asyncio.shield(drained)
         except TimeoutError:
             self.abort("disconnect timed out")
+        finally:
+            if self._drain_finish is not None:
+                self._drain_finish()  # the socket is closed when this returns, whatever came
 
     def _drain_then_close(self, done: asyncio.Future[None], timeout: float, sock: Any) -> None:
         """Read and drop what the broker still sends until it closes, then close."""
         def finish() -> None:
+            self._drain_finish = None
             self._loop.remove_reader(sock)
             timer.cancel()
             sock.close()
@@ -594,4 +599,5 @@ class MqttConnection:
         except OSError:
             pass
         timer = self._loop.call_later(timeout, finish)
+        self._drain_finish = finish
         self._loop.add_reader(sock, readable)

@@ -207,7 +207,7 @@ class Uplink:
             beat = tg.create_task(self._heartbeat(conn))
             dog = tg.create_task(self._watchdog(conn))
             sub = tg.create_task(self._subscribe_down(conn))
-            closed = await conn.closed
+            closed = await asyncio.shield(conn.closed)  # a cancel must not mark it closed
             for task in (pump, beat, dog, sub):
                 task.cancel()
         # A close right after sending is first the message's to answer for (MQTT 3.1.1).

@@ -249,10 +249,16 @@ async def test_a_long_write_queue_pauses_reading_and_loses_nothing(
     task = asyncio.create_task(ingest.run())
     try:
         await asyncio.to_thread(wait_until, lambda: ingest.online, 10, what="ingest online")
-        await asyncio.to_thread(publish_all, started_broker.port, [
-            (f"{PREFIX}/nodes/n{i:03d}/reported", cbor2.dumps(reported_doc(f"n{i:03d}", 7)))
-            for i in range(600)
-        ])
+        from edge.mqtt import MqttConnection
+
+        sender = MqttConnection(host="127.0.0.1", port=started_broker.port, client_id="bulk",
+                                keepalive=30, max_inflight=200)
+        await sender.connect(10)
+        await asyncio.gather(*(
+            sender.publish(f"{PREFIX}/nodes/n{i:03d}/reported",
+                           cbor2.dumps(reported_doc(f"n{i:03d}", 7)), retain=True)
+            for i in range(600)))
+        await sender.disconnect()
         for _ in range(300):
             if ingest.stats.documents >= 600:
                 break

@@ -137,7 +137,7 @@ class Ingest:
     async def _goodbye(self) -> None:
         conn, self._conn = self._conn, None
         if conn is not None:
-            await asyncio.shield(conn.disconnect(timeout=1.0))
+            await _close(conn)
 
     def _connection(self, client_id: str, source: _Source) -> MqttConnection:
         s = self.settings
@@ -164,11 +164,11 @@ class Ingest:
                 tg.create_task(self._catch_up())
                 if self._on_connected is not None:
                     tg.create_task(self._on_connected())
-            closed = await conn.closed
+            closed = await asyncio.shield(conn.closed)  # a cancel must not mark it closed
         finally:
             self._conn = None
             if not conn.closed.done():
-                await asyncio.shield(conn.disconnect(timeout=1.0))
+                await _close(conn)
         raise UplinkError(closed.reason)
 
     async def _catch_up(self) -> None:
@@ -194,7 +194,7 @@ class Ingest:
         except UplinkError as exc:
             log.warning("retained read failed: %s", exc)
         finally:
-            await asyncio.shield(conn.disconnect(timeout=1.0))
+            await _close(conn)
 
     def _enqueue(self, source: _Source, msg: Inbound) -> None:
         self._queue.append((source, msg, time.time()))
@@ -270,3 +270,13 @@ class Ingest:
                                                " is older than the one stored")
             else:
                 self.stats.written += 1
+
+
+async def _close(conn: MqttConnection) -> None:
+    """Disconnect; when cancelled meanwhile, finish the goodbye first, then be cancelled."""
+    goodbye = asyncio.ensure_future(conn.disconnect(timeout=1.0))
+    try:
+        await asyncio.shield(goodbye)
+    except asyncio.CancelledError:
+        await asyncio.wait({goodbye})
+        raise

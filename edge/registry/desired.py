@@ -3,7 +3,9 @@
 A document that cannot be published now (no broker) stays marked unpublished
 in the store and goes out at the next connection. Per node, publishing is one
 at a time and always sends what is stored, so a slower, older PUT can never
-leave its document retained over a newer one.
+leave its document retained over a newer one. Between workers (each with its
+own locks) the store is read again after each publish: a worker that sent an
+older version than the one stored meanwhile sends the newer one too.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ __all__ = ["DesiredPublisher"]
 log = logging.getLogger("edge.registry.desired")
 
 Publish = Callable[[str, bytes], Awaitable[bool]]
+_REREADS = 5  # publishes per flush at most: PUTs that keep coming go out with the next
 
 
 class DesiredPublisher:
@@ -48,17 +51,22 @@ class DesiredPublisher:
         lock = self._locks.setdefault(node, asyncio.Lock())
         try:
             async with lock:
-                stored = await self._store.desired(node)
-                if stored is None:
-                    return False
-                version, body, published = stored
-                if not published:
+                sent = 0
+                for _ in range(_REREADS):
+                    stored = await self._store.desired(node)
+                    if stored is None:
+                        return False
+                    version, body, published = stored
+                    if version <= sent or (published and not sent):
+                        break  # what is stored went out: from here, or from another worker
                     doc = {**cbor2.loads(body), "version": version}
                     topic = f"{self._prefix}/nodes/{node}/desired"
                     published = await self._publish(topic, encode(doc))
-                    if published:
-                        await self._store.mark_published(node, version)
-                        log.info("published desired version %d for node %s", version, node)
+                    if not published:
+                        break
+                    await self._store.mark_published(node, version)
+                    log.info("published desired version %d for node %s", version, node)
+                    sent = version
                 return published and version >= at_least
         finally:
             if not lock.locked() and self._locks.get(node) is lock:

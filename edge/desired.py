@@ -50,6 +50,7 @@ class DesiredState:
         self.changes = 0              # grows at each change the reported state shows
         self.rejections = Rejections(log, "desired")
         self._pending: Desired | None = None
+        self._applying = 0  # version being written or applied now
         self._waiters: list[asyncio.Future[None]] = []
         self._wake = asyncio.Event()
 
@@ -106,7 +107,9 @@ class DesiredState:
         return waiter
 
     def _newest(self) -> int:
-        return max(self.applied, self._pending.version if self._pending else 0)
+        """The newest version accepted: applied, being applied, or waiting its turn."""
+        return max(self.applied, self._applying,
+                   self._pending.version if self._pending else 0)
 
     def _reject(self, version: int | None, reason: str) -> None:
         if self.rejected is not None and self.rejected.get("version") == version \
@@ -127,6 +130,7 @@ class DesiredState:
             waiters, self._waiters = self._waiters, []
             if desired is None:
                 continue
+            self._applying = desired.version
             try:
                 await asyncio.to_thread(_write_synced, self.path, encode(desired.raw))
             except OSError as exc:
@@ -136,6 +140,7 @@ class DesiredState:
                 for waiter in waiters:
                     if not waiter.done():
                         waiter.set_exception(exc)
+                self._applying = 0  # not accepted after all: the broker sends it again
                 continue
             for waiter in waiters:
                 if not waiter.done():

@@ -189,3 +189,37 @@ def test_the_desired_file_is_written_atomically(tmp_path: Path) -> None:
     assert path.read_bytes() == b"two"
     assert os.listdir(tmp_path) == ["desired.cbor"]
     assert oct(path.stat().st_mode & 0o777) == "0o640"
+
+
+async def test_a_version_between_the_one_being_applied_and_the_applied_one_is_ignored(
+    tmp_path: Path,
+) -> None:
+    """100 is applied, 102 is being applied: 101 arriving late must never be applied."""
+    gate = asyncio.Event()
+    order: list[int] = []
+
+    async def slow_apply(desired: Desired) -> Items:
+        order.append(desired.version)
+        if desired.version == 102:
+            await gate.wait()  # stopping a service takes a while
+        return {}
+
+    state = DesiredState(tmp_path / "desired.cbor", slow_apply)
+    runner = asyncio.create_task(state.run())
+    try:
+        for version in (100, 102):
+            fut = state.receive(doc(version))
+            assert fut is not None
+            await asyncio.wait_for(fut, 5)
+            await asyncio.sleep(0.05)
+        assert order == [100, 102] and state.applied == 100  # 102 not finished yet
+        assert state.receive(doc(101)) is None and state.ignored == 1
+        assert state.receive(doc(102)) is None  # the one being applied, again
+        gate.set()
+        for _ in range(100):
+            if state.applied == 102:
+                break
+            await asyncio.sleep(0.01)
+        assert order == [100, 102] and state.applied == 102
+    finally:
+        runner.cancel()

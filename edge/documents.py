@@ -11,6 +11,7 @@ document the registry accepts is one the agent parses the same way.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -20,7 +21,7 @@ import cbor2
 
 from edge.envelope import load_map
 from edge.errors import ConfigError, DocumentError, EnvelopeError
-from edge.services import ServiceSpec, parse_services
+from edge.services import ServiceSpec, check_dependencies, parse_services
 from edge.units import parse_duration, parse_size
 
 __all__ = [
@@ -128,6 +129,14 @@ def parse_desired(doc: Mapping[Any, Any], *, need_version: bool = True) -> Desir
         # "config desired: [services.x] k: ..." reads as "desired: services.x k: ...".
         text = str(exc).removeprefix(f"config {what}: ")
         raise DocumentError(f"{what}: {text}") from exc
+    # Dependencies on services outside the document (the node's own) are the node's to
+    # judge; a cycle within the document is wrong anywhere.
+    inside = {name: dataclasses.replace(spec, depends_on=tuple(
+        dep for dep in spec.depends_on if dep in specs)) for name, spec in specs.items()}
+    try:
+        check_dependencies(inside, what)
+    except ConfigError as exc:
+        raise DocumentError(f"{what}: {str(exc).removeprefix(f'config {what}: ')}") from exc
     return Desired(version=version, services=specs, config=_live_config(doc.get("config", {})),
                    raw=dict(doc))
 

@@ -91,9 +91,11 @@ def session_members(session: int) -> list[int]:
     return members
 
 
-def marked(variable: str, value: str) -> list[int]:
-    """Processes started with `variable=value` in their environment, all but this one."""
+def marked(variable: str, value: str, *also: str) -> list[int]:
+    """Processes started with `variable=value` (and each `also` "NAME=VALUE") in their
+    environment, all but this one."""
     wanted = f"{variable}={value}".encode()
+    more = [entry.encode() for entry in also]
     found = []
     for entry in os.scandir(_PROC):
         if entry.name.isdigit() and int(entry.name) != os.getpid():
@@ -101,8 +103,11 @@ def marked(variable: str, value: str) -> list[int]:
                 environ = (_PROC / entry.name / "environ").read_bytes()
             except OSError:  # gone, or not ours to read
                 continue
+            entries = environ.split(b"\0")
+            if wanted not in entries or not all(m in entries for m in more):
+                continue
             stat = _stat(int(entry.name))
-            if wanted in environ.split(b"\0") and stat is not None and stat.state not in "ZX":
+            if stat is not None and stat.state not in "ZX":
                 found.append(int(entry.name))
     return found
 

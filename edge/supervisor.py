@@ -336,7 +336,8 @@ class Supervisor:
             plan = plan_services(self._fixed, current, wanted, refused)
             going = set(plan.remove) | set(plan.replace)
             for level in reversed(self._levels):  # dependants first
-                await asyncio.gather(*(self._retire(self._services[name])
+                await asyncio.gather(*(self._retire(self._services[name],
+                                                    replaced=name in plan.replace)
                                        for name in level if name in going))
             for name, spec in {**plan.start, **plan.replace}.items():
                 if self._closing:
@@ -345,6 +346,11 @@ class Supervisor:
                 self._services[name] = service
                 if self._group is not None:
                     self._start_keeping(service)
+            # The config file's services, then the desired ones in the document's order.
+            order = [*self._fixed, *(name for name in wanted if name not in self._fixed),
+                     *self._services]
+            self._services = {name: self._services[name]
+                              for name in dict.fromkeys(order) if name in self._services}
             self._levels = _levels({name: service.spec
                                     for name, service in self._services.items()})
             self._notify()
@@ -363,8 +369,9 @@ class Supervisor:
                 log.info("service %s: changed by the desired state", name)
             return results
 
-    async def _retire(self, service: _Service) -> None:
-        """Stop a desired-state service for good and forget it."""
+    async def _retire(self, service: _Service, *, replaced: bool = False) -> None:
+        """Stop a desired-state service for good and forget it (`replaced`: a new
+        version of it starts next)."""
         name = service.spec.name
         service.retired = True
         service.wake.set()
@@ -373,13 +380,16 @@ class Supervisor:
         task = self._tasks.pop(name, None)
         if task is not None:
             await asyncio.wait({task})
-        await self._note(service, "removed by the desired state")
+        what = ("stopped: the desired state changed it, the new version starts now" if replaced
+                else "removed by the desired state")
+        await self._note(service, what)
         if self._services.get(name) is service:
             del self._services[name]
         self._records.pop(name, None)
         if self._started:
             await self._save()
-        log.info("service %s: removed by the desired state", name)
+        if not replaced:
+            log.info("service %s: removed by the desired state", name)
 
     async def close(self) -> None:
         """Stop every service, dependants before what they depend on (idempotent)."""
@@ -675,13 +685,28 @@ class Supervisor:
             self._set_state(service, "stopped", "stopped by the agent")
 
     async def _stop(self, service: _Service) -> None:
-        """End the running service's whole session (the lock is held)."""
+        """End the running service's whole session (the lock is held), and what left it."""
         process = service.process
         if process is None:
             return
         if process.returncode is None:
             log.info("service %s: stopping pid %d", service.spec.name, process.pid)
         await self._end_session(process.pid, service.spec.stop_timeout, service.limits, process)
+        await self._end_strays(service)
+
+    async def _end_strays(self, service: _Service) -> None:
+        """End processes of the service that left its session (setsid, a daemon's fork).
+
+        They still carry the service's mark and name in their environment.
+        """
+        name = service.spec.name
+        sessions = await asyncio.to_thread(_marked_sessions, str(self._dir),
+                                           f"EDGE_SERVICE={name}")
+        for session in sessions:
+            log.warning("service %s: process group %d left the service's session but carries"
+                        " its environment: ending it too", name, session)
+        await asyncio.gather(*(self._end_session(session, service.spec.stop_timeout,
+                                                 NO_LIMITS, None) for session in sessions))
 
     async def _end_session(self, session: int, timeout: float, chosen: Limits,
                            leader: asyncio.subprocess.Process | None) -> None:
@@ -802,10 +827,10 @@ def _leftover_session(identity: procs.Identity, boot: str) -> int | None:
     return identity.pid if procs.session_members(identity.pid) else None
 
 
-def _marked_sessions(directory: str) -> set[int]:
-    """Sessions holding a process with our mark, but not our own session (blocks)."""
+def _marked_sessions(directory: str, *also: str) -> set[int]:
+    """Sessions holding a process with our mark (and `also`), but not our own (blocks)."""
     own = procs.session_of(os.getpid())
-    sessions = {procs.session_of(pid) for pid in procs.marked(_MARK, directory)}
+    sessions = {procs.session_of(pid) for pid in procs.marked(_MARK, directory, *also)}
     return {session for session in sessions if session is not None and session != own}
 
 

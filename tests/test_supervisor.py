@@ -236,6 +236,84 @@ async def test_stragglers_of_a_service_that_exited_are_ended(
         assert await count(marker) == 0
 
 
+async def test_a_child_that_left_the_services_session_is_ended_with_the_service(
+        tmp_path: Path, marker: str) -> None:
+    # start_new_session: the child is a session of its own, as `setsid` or a daemon makes it.
+    code = f"""
+        import subprocess, sys, time
+        subprocess.Popen([sys.executable, "-c", {SLEEP!r}, sys.argv[1]],
+                         start_new_session=True)
+        time.sleep(600)
+    """
+    runaway = spec("runaway", code, marker, restart="never")
+    async with supervising([runaway], tmp_path) as supervisor:
+        await until(lambda: row(supervisor, "runaway")["state"] == "running", what="running")
+        await until(lambda: _count_now(marker) == 2, what="the service and its child")
+        await supervisor.restart("runaway")  # the old one stops, and its runaway child too
+        await until(lambda: _count_now(marker) == 2, what="one service and one child")
+    assert await count(marker) == 0
+
+
+def _count_now(word: str) -> int:
+    return len(_marked(word))
+
+
+# ---- desired-state services: added, changed, removed while the others run ----------------
+
+
+async def test_apply_adds_changes_and_removes_services_and_leaves_the_others(
+        tmp_path: Path, marker: str) -> None:
+    fixed = spec("fixed", SLEEP, marker)
+    async with supervising([fixed], tmp_path) as supervisor:
+        await until(lambda: row(supervisor, "fixed")["state"] == "running", what="fixed runs")
+        fixed_pid = row(supervisor, "fixed")["pid"]
+        first = await supervisor.apply({
+            "a": spec("a", SLEEP, marker),
+            "b": spec("b", SLEEP, marker, depends_on=("fixed",)),
+        })
+        assert first == {"a": ("applied", None), "b": ("applied", None)}
+        await until(lambda: all(row(supervisor, n)["state"] == "running" for n in "ab"),
+                    what="a and b running")
+        a_pid, b_pid = row(supervisor, "a")["pid"], row(supervisor, "b")["pid"]
+        assert row(supervisor, "a")["source"] == "desired"
+        assert row(supervisor, "fixed")["source"] == "config"
+
+        second = await supervisor.apply({
+            "a": spec("a", SLEEP, marker, stop_timeout=3.0),  # changed: restarted
+            "c": spec("c", SLEEP, marker),
+            "fixed": spec("fixed", "import sys; sys.exit(3)", marker),  # not the registry's
+        })
+        assert second["a"] == ("applied", None) and second["c"] == ("applied", None)
+        assert second["b"] == ("removed", None)
+        assert second["fixed"][0] == "failed" and "config file" in str(second["fixed"][1])
+        await until(lambda: row(supervisor, "a")["state"] == "running"
+                    and row(supervisor, "c")["state"] == "running", what="a again, and c")
+        assert row(supervisor, "a")["pid"] != a_pid
+        assert not psutil.pid_exists(b_pid) or psutil.Process(b_pid).status() == "zombie"
+        assert [r["name"] for r in supervisor.snapshot()] == ["fixed", "a", "c"]
+        assert row(supervisor, "fixed")["pid"] == fixed_pid
+
+        assert await supervisor.apply({}) == {"a": ("removed", None), "c": ("removed", None)}
+        assert [r["name"] for r in supervisor.snapshot()] == ["fixed"]
+        await until(lambda: _count_now(marker) == 1, what="only the config service left")
+
+
+async def test_apply_before_run_starts_the_services_when_run_begins(
+        tmp_path: Path, marker: str) -> None:
+    supervisor = Supervisor({}, tmp_path, env_extra={})
+    assert await supervisor.apply({"boot": spec("boot", SLEEP, marker)}) == {
+        "boot": ("applied", None)}
+    assert await count(marker) == 0  # recorded only: nothing runs before run()
+    running = asyncio.create_task(supervisor.run())
+    try:
+        await until(lambda: row(supervisor, "boot")["state"] == "running", what="boot runs")
+    finally:
+        await supervisor.close()
+        running.cancel()
+        await asyncio.gather(running, return_exceptions=True)
+    assert await count(marker) == 0
+
+
 # ---- health and order ------------------------------------------------------------------
 
 

@@ -327,3 +327,34 @@ def test_services_of_the_desired_state_end_with_the_agent_after_a_kill_9(
     assert not alive(first["pid"]) and again["pid"] != first["pid"]
     assert len([p for p in psutil.process_iter(["cmdline"])
                 if p.info["cmdline"] == SLEEP]) == 1
+
+
+def test_a_node_that_lost_its_copy_gets_the_desired_state_again_from_the_registry(
+    tmp_path: Path, broker: Broker, agent_factory: AgentFactory,
+    registry_factory: RegistryFactory,
+) -> None:
+    """The broker lost its retained messages and the node its data dir: the registry,
+    seeing an older version reported, publishes the stored document again."""
+    import shutil
+
+    broker.start()
+    registry = registry_factory(broker, sqlite_url(tmp_path))
+    agent = agent_factory(broker, overrides=FAST)
+    wait_node(registry, lambda n: n["health"] == "healthy", what="node healthy")
+    status, answer = registry.request("PUT", f"/api/v1/nodes/{NODE}/desired",
+                                      {"services": {"tick": {"command": SLEEP}}})
+    assert status == 200
+    version = answer["version"]
+    wait_node(registry, lambda n: n["desired_applied"] == version, what="applied")
+
+    agent.terminate()
+    broker.stop()
+    shutil.rmtree(broker.persistence_dir)  # a broker without persistence, restarted
+    broker.persistence_dir.mkdir()
+    shutil.rmtree(agent.data_dir)  # a node whose card was replaced
+    broker.start()
+    assert read_retained(broker.port, desired_topic(), timeout=1.0) is None
+    agent.start()
+    wait_node(registry, lambda n: n["desired_applied"] == version, timeout=20,
+              what="the stored desired state applied again")
+    wait_running(agent, "tick")

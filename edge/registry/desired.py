@@ -19,6 +19,7 @@ from typing import Any
 import cbor2
 
 from edge.documents import encode
+from edge.errors import RegistryError
 from edge.registry.records import desired_body
 from edge.registry.store import Store
 
@@ -28,6 +29,7 @@ log = logging.getLogger("edge.registry.desired")
 
 Publish = Callable[[str, bytes], Awaitable[bool]]
 _REREADS = 5  # publishes per flush at most: PUTs that keep coming go out with the next
+_NUDGE_EVERY = 60.0  # seconds between resends to a node that reports an older version
 
 
 class DesiredPublisher:
@@ -38,6 +40,9 @@ class DesiredPublisher:
         self._publish = publish
         self._prefix = prefix
         self._locks: dict[str, asyncio.Lock] = {}
+        self._reports: dict[str, tuple[int, int | None]] = {}  # not looked at yet
+        self._report_wake = asyncio.Event()
+        self._looked: dict[str, float] = {}  # node -> monotonic time of the last resend
 
     async def put(self, node: str, doc: Mapping[str, Any], *, by: str) -> tuple[int, bool]:
         """Store a validated document body for `node`; (version, published)."""
@@ -46,8 +51,43 @@ class DesiredPublisher:
         version = await self._store.put_desired(node, desired_body(body))
         return version, await self.flush(node, version)
 
-    async def flush(self, node: str, at_least: int = 0) -> bool:
-        """Publish the node's stored document unless it is out already; True if it is."""
+    def reported(self, node: str, applied: int, rejected: int | None) -> None:
+        """Note what a node's newest report says it applied (called by the ingest)."""
+        self._reports[node] = (applied, rejected)
+        self._report_wake.set()
+
+    async def run(self) -> None:
+        """Send a document again to nodes that report an older one, until cancelled.
+
+        The broker may have lost it (restarted without persistence) while the node
+        lost its copy (a wiped data dir). Each node is looked at once a minute at
+        most, apart from the ingest; a version the node refused is not sent again.
+        """
+        while True:
+            await self._report_wake.wait()
+            self._report_wake.clear()
+            reports, self._reports = self._reports, {}
+            now = time.monotonic()
+            for node, (applied, rejected) in reports.items():
+                if now - self._looked.get(node, -1e18) < _NUDGE_EVERY:
+                    continue
+                try:
+                    stored = await self._store.desired(node)
+                except RegistryError:
+                    continue  # the store is failing: the next report asks again
+                if stored is None or stored[0] <= applied or stored[0] == rejected:
+                    continue
+                self._looked[node] = now
+                log.info("node %s reports desired version %d applied, %d is stored:"
+                         " publishing it again", node, applied, stored[0])
+                await self.flush(node, force=True)
+            if len(self._looked) > 100_000:  # a bound on memory, not a schedule
+                self._looked.clear()
+            await asyncio.sleep(1.0)  # a storm's reports are taken in batches
+
+    async def flush(self, node: str, at_least: int = 0, *, force: bool = False) -> bool:
+        """Publish the node's stored document unless it is out already (or `force`);
+        True if it is."""
         lock = self._locks.setdefault(node, asyncio.Lock())
         try:
             async with lock:
@@ -57,7 +97,7 @@ class DesiredPublisher:
                     if stored is None:
                         return False
                     version, body, published = stored
-                    if version <= sent or (published and not sent):
+                    if version <= sent or (published and not sent and not force):
                         break  # what is stored went out: from here, or from another worker
                     doc = {**cbor2.loads(body), "version": version}
                     topic = f"{self._prefix}/nodes/{node}/desired"

@@ -11,6 +11,7 @@ batch, and only then acknowledges them (PUBACK).
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from collections import deque
@@ -21,7 +22,7 @@ from typing import Any
 from edge.backoff import Backoff, reconnect_forever
 from edge.errors import RegistryError, UplinkError
 from edge.mqtt import Inbound, MqttConnection
-from edge.registry.records import KINDS, Rejected, Row, parse_topic, to_row
+from edge.registry.records import KINDS, Rejected, ReportedRow, Row, parse_topic, to_row
 from edge.registry.settings import RegistrySettings
 from edge.registry.store import Store, kind_of
 from edge.rejections import Rejections
@@ -75,11 +76,13 @@ class Ingest:
     def __init__(
         self, settings: RegistrySettings, store: Store, *,
         on_connected: Callable[[], Coroutine[Any, Any, None]] | None = None,
+        on_report: Callable[[str, int, int | None], None] | None = None,
     ) -> None:
         self.settings = settings
         self.store = store
         self.stats = IngestStats()
         self._on_connected = on_connected
+        self._on_report = on_report  # (node, desired_applied, rejected version) of a report
         self._queue: deque[tuple[_Source, Inbound, float]] = deque()
         self._wake = asyncio.Event()
         self._conn: MqttConnection | None = None
@@ -268,8 +271,11 @@ class Ingest:
             if was_older:
                 self.stats.rejections("older", f"node {row.node}: {kind_of(row)} {row.key}"
                                                " is older than the one stored")
-            else:
-                self.stats.written += 1
+                continue
+            self.stats.written += 1
+            if isinstance(row, ReportedRow) and self._on_report is not None:
+                self._on_report(row.node, row.desired_applied,
+                                _rejected_version(row.desired_rejected))
 
 
 async def _close(conn: MqttConnection) -> None:
@@ -280,3 +286,14 @@ async def _close(conn: MqttConnection) -> None:
     except asyncio.CancelledError:
         await asyncio.wait({goodbye})
         raise
+
+
+def _rejected_version(text: str | None) -> int | None:
+    """The version in a reported `desired_rejected` (stored as JSON), if any."""
+    if not text:
+        return None
+    try:
+        version = json.loads(text).get("version")
+    except (ValueError, AttributeError):
+        return None
+    return version if isinstance(version, int) and not isinstance(version, bool) else None

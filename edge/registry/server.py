@@ -31,7 +31,11 @@ async def serve(settings: RegistrySettings, stop: asyncio.Event) -> None:
             if publisher is not None:
                 await publisher.publish_pending()
 
-        ingest = Ingest(settings, store, on_connected=connected)
+        def reported(node: str, applied: int, rejected: int | None) -> None:
+            if publisher is not None:
+                publisher.reported(node, applied, rejected)
+
+        ingest = Ingest(settings, store, on_connected=connected, on_report=reported)
         publisher = DesiredPublisher(store, ingest.publish, settings.prefix)
         api = Api(store, publisher, ingest.stats, policy=settings.health,
                   db_url=settings.db_url, broker_online=lambda: ingest.online,
@@ -50,9 +54,11 @@ async def serve(settings: RegistrySettings, stop: asyncio.Event) -> None:
                      settings.broker_host, settings.broker_port)
             async with asyncio.TaskGroup() as tg:
                 ingesting = tg.create_task(ingest.run())
+                resending = tg.create_task(publisher.run())
                 await stop.wait()
                 log.info("stopping")
                 ingesting.cancel()
+                resending.cancel()
         finally:
             await runner.cleanup()
     finally:

@@ -87,6 +87,7 @@ class Agent:
             debounce=settings.state.debounce, clock=clock,
         )
         self.uplink.on_online = self.reporter.online
+        self._desired_config: set[str] = set()  # config keys the desired state set last
         self.api = ApiServer(
             settings.api.socket,
             max_line=settings.api.max_line_bytes,
@@ -231,6 +232,10 @@ class Agent:
         )
         for key in config.items():
             items[f"config.{key}"] = {"result": "applied", "reason": None}
+        for key in self._desired_config - set(config.items()):
+            items[f"config.{key}"] = {"result": "removed",
+                                      "reason": "back to the config file's value"}
+        self._desired_config = set(config.items())
         return items
 
     async def _reported(self) -> dict[str, Any]:
@@ -260,10 +265,25 @@ class Agent:
                        "last_error": up.last_error},
             "desired_applied": desired.applied,
             "desired": None if not desired.applied else {
-                "version": desired.applied, "ts": desired.applied_ts, "items": desired.items,
+                "version": desired.applied, "ts": desired.applied_ts,
+                "items": self._desired_items(),
             },
             "desired_rejected": desired.rejected,
         }
+
+    def _desired_items(self) -> Items:
+        """The desired state's item results, with services that do not run counted failed."""
+        states = {row["name"]: row for row in self.supervisor.snapshot()}
+        items: Items = {}
+        for key, item in self.desired.items.items():
+            row = states.get(key.removeprefix("services.")) if key.startswith("services.") \
+                else None
+            if item["result"] == "applied" and row is not None \
+                    and row["state"] in ("failed", "crash-looping"):
+                item = {"result": "failed",
+                        "reason": f"applied, but {row['state']}: {row['reason'] or '-'}"}
+            items[key] = item
+        return items
 
     def _reported_mark(self) -> object:
         """What a change of makes a new reported document (not the queue: it always moves)."""
@@ -321,7 +341,7 @@ class Agent:
             "discovery": self.discovery.snapshot(),
             "peers": self.discovery.table.counts(),
             "services": self._services_summary(),
-            "desired": self.desired.snapshot(),
+            "desired": {**self.desired.snapshot(), "items": self._desired_items()},
             "reported": {"version": self.reporter.version, "published": self.reporter.published,
                          "last_ts": self.reporter.last_ts},
         }
@@ -386,6 +406,7 @@ class Agent:
         view.update({
             "max_bytes": self.outbox.settings.max_bytes,
             "on_full": self.outbox.settings.on_full,
+            "default_ttl": self.outbox.settings.default_ttl,
             "by_priority": {str(p): n for p, n in self.outbox.by_priority().items()},
             "dead_letters": await self.outbox.dead_letters(),
             "dead_kept": await self.outbox.dead_kept(),

@@ -368,6 +368,11 @@ def _status_table(s: dict[str, Any]) -> str:
         ("lost", f"{q['dropped']} dropped, {q['expired']} expired,"
                  f" {_count(q['dead'], 'dead letter')}"),
     ]
+    telemetry = s.get("telemetry")
+    if telemetry is not None:
+        interval = telemetry.get("interval") or 0
+        rows.append(("telemetry", "off" if not interval else
+                     f"every {_age(interval)}, {_count(telemetry.get('samples', 0), 'sample')}"))
     services = s.get("services")
     if services:
         trouble = sum(n for state, n in services.items() if state != "running")
@@ -488,6 +493,8 @@ def _queue_table(q: dict[str, Any]) -> str:
         ("depth", str(q["depth"])),
         ("bytes", f"{_size(q['bytes'])} of {_size(q['max_bytes'])} ({q['on_full']} when full)"),
         ("oldest", _age(q["oldest_age"])),
+        ("default ttl", "none (messages do not expire)" if not q.get("default_ttl")
+         else _age(q["default_ttl"])),
         ("by priority", ", ".join(f"{p}: {n}" for p, n in q["by_priority"].items()) or "-"),
         ("rate", f"{q.get('rate_in', 0):.1f}/s in, {q.get('rate_out', 0):.1f}/s out"),
         ("dropped", str(q["dropped"])),

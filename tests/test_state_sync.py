@@ -254,6 +254,8 @@ def test_desired_config_keys_apply_live_and_fall_back_to_the_file_when_left_out(
     publish_retained(broker.port, desired_topic(), desired_doc(2, {}))
     status = wait_applied(agent, 2)
     assert status["telemetry"]["interval"] == 0.0
+    assert status["desired"]["items"]["config.telemetry.interval"]["result"] == "removed"
+    assert status["desired"]["items"]["config.queue.on_full"]["result"] == "removed"
     queue = agent.queue()
     assert (queue["on_full"], queue["max_bytes"]) == ("drop-oldest", 256 * 1024 * 1024)
 
@@ -358,3 +360,25 @@ def test_a_node_that_lost_its_copy_gets_the_desired_state_again_from_the_registr
     wait_node(registry, lambda n: n["desired_applied"] == version, timeout=20,
               what="the stored desired state applied again")
     wait_running(agent, "tick")
+
+
+def test_a_desired_service_that_cannot_start_counts_as_failed_in_the_registry(
+    tmp_path: Path, broker: Broker, agent_factory: AgentFactory,
+    registry_factory: RegistryFactory,
+) -> None:
+    broker.start()
+    registry = registry_factory(broker, sqlite_url(tmp_path))
+    agent = agent_factory(broker, overrides=FAST)
+    wait_node(registry, lambda n: n["health"] == "healthy", what="node healthy")
+    status, answer = registry.request("PUT", f"/api/v1/nodes/{NODE}/desired", {"services": {
+        "ghost": {"command": ["/nonexistent/bin/thing"], "backoff_initial": "0.2s"},
+        "tick": {"command": SLEEP},
+    }})
+    assert status == 200
+    node = wait_node(registry, lambda n: n["desired_applied"] == answer["version"]
+                     and n["desired_failed"] == 1, what="one failed item")
+    items = node["reported"]["desired"]["items"]
+    assert items["services.ghost"]["result"] == "failed"
+    assert "cannot start /nonexistent/bin/thing" in items["services.ghost"]["reason"]
+    assert items["services.tick"]["result"] == "applied"
+    assert agent.status()["desired"]["items"]["services.ghost"]["result"] == "failed"

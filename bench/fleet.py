@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import ctypes
 import json
 import multiprocessing as mp
 import os
@@ -26,7 +25,6 @@ import random
 import resource
 import shutil
 import signal
-import socket
 import sqlite3
 import statistics
 import subprocess
@@ -46,6 +44,8 @@ import psutil
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # the simulator is spawned as a fresh interpreter
 
+from benchkit import BenchError, die_with_parent, free_port, port_accepts, wait_for  # noqa: E402
+
 from edge.backoff import Backoff  # noqa: E402  (the agent's own reconnect schedule)
 
 MOSQUITTO = "/usr/sbin/mosquitto"
@@ -61,17 +61,7 @@ FIRST_CONNECTS = 200    # handshakes in flight while the fleet first comes up
 MiB = 1024 * 1024
 
 
-class BenchError(RuntimeError):
-    """Something in the set-up did not do what the benchmark needs."""
-
-
 # ---- small helpers ----------------------------------------------------------------------
-
-
-def _die_with_parent() -> None:
-    """Ask Linux to SIGKILL this child if the benchmark dies without cleaning up."""
-    with contextlib.suppress(Exception):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
 def _raise_nofile() -> None:
@@ -85,34 +75,8 @@ def _raise_nofile() -> None:
 
 
 def _child_setup() -> None:
-    _die_with_parent()
+    die_with_parent()
     _raise_nofile()
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def port_accepts(port: int) -> bool:
-    """True when something accepts TCP connections on 127.0.0.1:port."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.settimeout(0.5)
-        return s.connect_ex(("127.0.0.1", port)) == 0
-
-
-def wait_for(check: Callable[[], Any], timeout: float, what: str, every: float = 0.05) -> Any:
-    """Poll `check` until it returns something truthy, or raise after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise BenchError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(every)
 
 
 def median(values: list[float]) -> float:
@@ -598,7 +562,7 @@ class Postgres:
                               "-p", str(self.port), "-k", str(self.sock),
                               "-c", "max_connections=50", "-c", "shared_buffers=128MB"]),
                 stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                preexec_fn=_die_with_parent)
+                preexec_fn=die_with_parent)
         wait_for(lambda: port_accepts(self.port) and self.psql("SELECT 1", check=False) == 0,
                  30, "postgres", every=0.1)
         return self

@@ -94,6 +94,24 @@ def sqlite_url(tmp_path: Path) -> str:
     return f"sqlite://{tmp_path / 'registry.db'}"
 
 
+Fleet = Callable[..., tuple[Registry, Agent]]
+
+
+@pytest.fixture
+def fleet(tmp_path: Path, broker: Broker, agent_factory: AgentFactory,
+          registry_factory: RegistryFactory) -> Fleet:
+    """fleet(registry_args, agent_overrides): the broker, a registry and one agent that
+    the registry sees healthy."""
+    def make(registry_args: tuple[str, ...] = (),
+             overrides: dict[str, Any] | None = None) -> tuple[Registry, Agent]:
+        broker.start()
+        registry = registry_factory(broker, sqlite_url(tmp_path), extra=list(registry_args))
+        agent = agent_factory(broker, overrides=overrides or FAST)
+        wait_node(registry, lambda n: n["health"] == "healthy", what="node healthy")
+        return registry, agent
+    return make
+
+
 def alive(pid: int) -> bool:
     try:
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
@@ -102,13 +120,9 @@ def alive(pid: int) -> bool:
 
 
 def test_a_node_offline_when_its_desired_state_changes_applies_it_once_it_reconnects(
-    tmp_path: Path, broker: Broker, agent_factory: AgentFactory,
-    registry_factory: RegistryFactory,
+    fleet: Fleet,
 ) -> None:
-    broker.start()
-    registry = registry_factory(broker, sqlite_url(tmp_path))
-    agent = agent_factory(broker, overrides=FAST)
-    wait_node(registry, lambda n: n["health"] == "healthy", what="node healthy")
+    registry, agent = fleet()
 
     agent.terminate()
     wait_node(registry, lambda n: n["health"] == "offline", what="node offline")
@@ -277,13 +291,9 @@ def test_the_reported_version_grows_across_restarts(
 
 
 def test_a_killed_agent_is_offline_within_one_and_a_half_keepalives(
-    tmp_path: Path, broker: Broker, agent_factory: AgentFactory,
-    registry_factory: RegistryFactory,
+    fleet: Fleet,
 ) -> None:
-    broker.start()
-    registry = registry_factory(broker, sqlite_url(tmp_path))
-    agent = agent_factory(broker, overrides=FAST)  # keepalive 2s
-    wait_node(registry, lambda n: n["health"] == "healthy", what="node healthy")
+    registry, agent = fleet()  # keepalive 2s
     killed, killed_at = time.monotonic(), time.time()
     agent.kill9()
     node = wait_node(registry, lambda n: n["health"] == "offline", timeout=10, what="offline")
@@ -295,14 +305,10 @@ def test_a_killed_agent_is_offline_within_one_and_a_half_keepalives(
 
 
 def test_a_stopped_agent_whose_broker_session_lives_shows_stale(
-    tmp_path: Path, broker: Broker, agent_factory: AgentFactory,
-    registry_factory: RegistryFactory,
+    broker: Broker, fleet: Fleet,
 ) -> None:
-    broker.start()
-    registry = registry_factory(broker, sqlite_url(tmp_path), extra=["--stale-after", "3"])
-    agent = agent_factory(broker, overrides={
+    registry, agent = fleet(("--stale-after", "3"), {
         **FAST, "uplink": {"keepalive": "30s", "heartbeat": "0.5s"}})
-    wait_node(registry, lambda n: n["health"] == "healthy", what="node healthy")
     os.kill(agent.pid, signal.SIGSTOP)
     try:
         wait_node(registry, lambda n: n["health"] == "stale", timeout=10, what="stale")
@@ -332,17 +338,13 @@ def test_services_of_the_desired_state_end_with_the_agent_after_a_kill_9(
 
 
 def test_a_node_that_lost_its_copy_gets_the_desired_state_again_from_the_registry(
-    tmp_path: Path, broker: Broker, agent_factory: AgentFactory,
-    registry_factory: RegistryFactory,
+    broker: Broker, fleet: Fleet,
 ) -> None:
     """The broker lost its retained messages and the node its data dir: the registry,
     seeing an older version reported, publishes the stored document again."""
     import shutil
 
-    broker.start()
-    registry = registry_factory(broker, sqlite_url(tmp_path))
-    agent = agent_factory(broker, overrides=FAST)
-    wait_node(registry, lambda n: n["health"] == "healthy", what="node healthy")
+    registry, agent = fleet()
     status, answer = registry.request("PUT", f"/api/v1/nodes/{NODE}/desired",
                                       {"services": {"tick": {"command": SLEEP}}})
     assert status == 200
@@ -363,13 +365,9 @@ def test_a_node_that_lost_its_copy_gets_the_desired_state_again_from_the_registr
 
 
 def test_a_desired_service_that_cannot_start_counts_as_failed_in_the_registry(
-    tmp_path: Path, broker: Broker, agent_factory: AgentFactory,
-    registry_factory: RegistryFactory,
+    fleet: Fleet,
 ) -> None:
-    broker.start()
-    registry = registry_factory(broker, sqlite_url(tmp_path))
-    agent = agent_factory(broker, overrides=FAST)
-    wait_node(registry, lambda n: n["health"] == "healthy", what="node healthy")
+    registry, agent = fleet()
     status, answer = registry.request("PUT", f"/api/v1/nodes/{NODE}/desired", {"services": {
         "ghost": {"command": ["/nonexistent/bin/thing"], "backoff_initial": "0.2s"},
         "tick": {"command": SLEEP},

@@ -17,15 +17,15 @@ from typing import IO, Any
 
 from edge import __version__
 from edge.api import ApiServer, Stream
-from edge.desired import DesiredState, Items
+from edge.desired import DesiredState
 from edge.discovery import Discovery
-from edge.documents import Desired
 from edge.downlink import Downlink
 from edge.errors import ConfigError, EdgeError, RequestError
 from edge.inbox import Inbox
 from edge.localbus import LocalBus
 from edge.outbox import Outbox
 from edge.rates import RateMeter
+from edge.reconcile import Reconciler
 from edge.reported import Reporter
 from edge.services import ServiceError
 from edge.settings import Settings
@@ -79,7 +79,9 @@ class Agent:
             raise ConfigError(f"config {settings.source}: {exc}") from exc
         self.telemetry = Telemetry(settings.telemetry.interval, data_dir, self._submit_telemetry)
         self._clock = clock
-        self.desired = DesiredState(data_dir / "desired.cbor", self._apply_desired, clock=clock)
+        self.reconciler = Reconciler(settings, self.supervisor, self.telemetry, self.outbox)
+        self.desired = DesiredState(data_dir / "desired.cbor", self.reconciler.apply,
+                                    clock=clock)
         self.uplink.on_desired = self.desired.receive
         self.reporter = Reporter(
             data_dir / "reported-version", self._reported, self._reported_mark,
@@ -87,7 +89,6 @@ class Agent:
             debounce=settings.state.debounce, clock=clock,
         )
         self.uplink.on_online = self.reporter.online
-        self._desired_config: set[str] = set()  # config keys the desired state set last
         self.api = ApiServer(
             settings.api.socket,
             max_line=settings.api.max_line_bytes,
@@ -211,33 +212,6 @@ class Agent:
 
     # ---- desired and reported state -------------------------------------------------
 
-    async def _apply_desired(self, desired: Desired) -> Items:
-        """Reconcile services and the live config keys with a desired document."""
-        items: Items = {}
-        try:
-            results = await self.supervisor.apply(desired.services)
-        except ServiceError as exc:  # the agent is stopping
-            results = {name: ("failed", str(exc)) for name in desired.services}
-        for name, (result, reason) in results.items():
-            items[f"services.{name}"] = {"result": result, "reason": reason}
-        config, own = desired.config, self.settings
-        # A key the document leaves out goes back to the config file's value.
-        self.telemetry.set_interval(own.telemetry.interval if config.telemetry_interval is None
-                                    else config.telemetry_interval)
-        self.outbox.set_policy(
-            on_full=config.queue_on_full or own.queue.on_full,
-            max_bytes=config.queue_max_bytes or own.queue.max_bytes,
-            default_ttl=(own.queue.default_ttl if config.queue_default_ttl is None
-                         else config.queue_default_ttl),
-        )
-        for key in config.items():
-            items[f"config.{key}"] = {"result": "applied", "reason": None}
-        for key in self._desired_config - set(config.items()):
-            items[f"config.{key}"] = {"result": "removed",
-                                      "reason": "back to the config file's value"}
-        self._desired_config = set(config.items())
-        return items
-
     async def _reported(self) -> dict[str, Any]:
         """The reported-state document (docs/registry.md), without its version."""
         up = self.uplink.snapshot()
@@ -266,24 +240,10 @@ class Agent:
             "desired_applied": desired.applied,
             "desired": None if not desired.applied else {
                 "version": desired.applied, "ts": desired.applied_ts,
-                "items": self._desired_items(),
+                "items": self.reconciler.live_items(self.desired.items),
             },
             "desired_rejected": desired.rejected,
         }
-
-    def _desired_items(self) -> Items:
-        """The desired state's item results, with services that do not run counted failed."""
-        states = {row["name"]: row for row in self.supervisor.snapshot()}
-        items: Items = {}
-        for key, item in self.desired.items.items():
-            row = states.get(key.removeprefix("services.")) if key.startswith("services.") \
-                else None
-            if item["result"] == "applied" and row is not None \
-                    and row["state"] in ("failed", "crash-looping"):
-                item = {"result": "failed",
-                        "reason": f"applied, but {row['state']}: {row['reason'] or '-'}"}
-            items[key] = item
-        return items
 
     def _reported_mark(self) -> object:
         """What a change of makes a new reported document (not the queue: it always moves)."""
@@ -341,7 +301,8 @@ class Agent:
             "discovery": self.discovery.snapshot(),
             "peers": self.discovery.table.counts(),
             "services": self._services_summary(),
-            "desired": {**self.desired.snapshot(), "items": self._desired_items()},
+            "desired": {**self.desired.snapshot(),
+                        "items": self.reconciler.live_items(self.desired.items)},
             "reported": {"version": self.reporter.version, "published": self.reporter.published,
                          "last_ts": self.reporter.last_ts},
         }

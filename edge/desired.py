@@ -22,14 +22,13 @@ from typing import Any
 
 from edge.documents import MAX_DESIRED_BYTES, Desired, decode_document, encode, parse_desired
 from edge.errors import DocumentError
+from edge.reconcile import Items
 from edge.rejections import Rejections
 
-__all__ = ["DesiredState", "Items"]
+__all__ = ["DesiredState"]
 
 log = logging.getLogger("edge.desired")
 
-# "services.NAME" / "config.SECTION.KEY" -> {"result": ..., "reason": ...}
-Items = dict[str, dict[str, Any]]
 Apply = Callable[[Desired], Awaitable[Items]]
 
 

@@ -1,6 +1,8 @@
-"""The reconciler's diff: from the services that run to the ones a desired document wants.
+"""The reconciler: make the node what a desired document says.
 
-A plain function, no I/O. Services of the node's own config file are fixed:
+`plan_services` is the diff, a plain function with no I/O. `Reconciler` acts
+on it: services through the supervisor, the live config keys on the telemetry
+and the outbox. Services of the node's own config file are fixed:
 the registry cannot replace or remove them. A desired service that cannot be
 applied (its name is taken by the config file, a dependency is missing, its
 account does not exist) fails on its own; an earlier version of it keeps
@@ -11,11 +13,22 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 from edge.errors import ConfigError
-from edge.services import ServiceSpec, check_dependencies
+from edge.services import ServiceError, ServiceSpec, check_dependencies
 
-__all__ = ["Plan", "plan_services"]
+if TYPE_CHECKING:
+    from edge.documents import Desired
+    from edge.outbox import Outbox
+    from edge.settings import Settings
+    from edge.supervisor import Supervisor
+    from edge.telemetry import Telemetry
+
+__all__ = ["Plan", "Reconciler", "plan_services"]
+
+# "services.NAME" / "config.SECTION.KEY" -> {"result": ..., "reason": ...}
+Items = dict[str, dict[str, Any]]
 
 
 @dataclass(frozen=True)
@@ -84,3 +97,56 @@ def plan_services(
         failed=failed,
         kept=tuple(name for name in kept if name in final),
     )
+
+
+class Reconciler:
+    """Apply desired documents: services, then the config keys the registry may set."""
+
+    def __init__(self, settings: Settings, supervisor: Supervisor, telemetry: Telemetry,
+                 outbox: Outbox) -> None:
+        self._own = settings  # the config file's values: what a key left out goes back to
+        self._supervisor = supervisor
+        self._telemetry = telemetry
+        self._outbox = outbox
+        self._config_set: set[str] = set()  # config keys the last document set
+
+    async def apply(self, desired: Desired) -> Items:
+        """Reconcile with `desired`; one item per service and config key it touched."""
+        items: Items = {}
+        try:
+            results = await self._supervisor.apply(desired.services)
+        except ServiceError as exc:  # the agent is stopping
+            results = {name: ("failed", str(exc)) for name in desired.services}
+        for name, (result, reason) in results.items():
+            items[f"services.{name}"] = {"result": result, "reason": reason}
+        config, own = desired.config, self._own
+        self._telemetry.set_interval(own.telemetry.interval if config.telemetry_interval is None
+                                     else config.telemetry_interval)
+        self._outbox.set_policy(
+            on_full=config.queue_on_full or own.queue.on_full,
+            max_bytes=config.queue_max_bytes or own.queue.max_bytes,
+            default_ttl=(own.queue.default_ttl if config.queue_default_ttl is None
+                         else config.queue_default_ttl),
+        )
+        given = set(config.items())
+        for key in given:
+            items[f"config.{key}"] = {"result": "applied", "reason": None}
+        for key in self._config_set - given:
+            items[f"config.{key}"] = {"result": "removed",
+                                      "reason": "back to the config file's value"}
+        self._config_set = given
+        return items
+
+    def live_items(self, items: Items) -> Items:
+        """`items` as they stand now: a service applied but not running counts failed."""
+        states = {row["name"]: row for row in self._supervisor.snapshot()}
+        now: Items = {}
+        for key, item in items.items():
+            row = states.get(key.removeprefix("services.")) if key.startswith("services.") \
+                else None
+            if item["result"] == "applied" and row is not None \
+                    and row["state"] in ("failed", "crash-looping"):
+                item = {"result": "failed",
+                        "reason": f"applied, but {row['state']}: {row['reason'] or '-'}"}
+            now[key] = item
+        return now

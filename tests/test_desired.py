@@ -12,8 +12,9 @@ from typing import Any
 import cbor2
 import pytest
 
-from edge.desired import DesiredState, Items
+from edge.desired import DesiredState
 from edge.documents import Desired
+from edge.reconcile import Items
 from edge.reported import Reporter
 
 

@@ -101,6 +101,14 @@ def broker(broker_factory: BrokerFactory) -> Broker:
 
 
 @pytest.fixture
+def cloud(broker_factory: BrokerFactory) -> Broker:
+    """The cloud broker, started."""
+    broker = broker_factory(name="cloud")
+    broker.start()
+    return broker
+
+
+@pytest.fixture
 def subscriber_factory() -> Iterator[SubscriberFactory]:
     """Make started subscribers: subscriber_factory(broker, topic_filter=UP_FILTER)."""
     made: list[Subscriber] = []

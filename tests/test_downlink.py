@@ -58,13 +58,6 @@ def local(broker_factory: BrokerFactory) -> Broker:
     return broker_factory(name="local")
 
 
-@pytest.fixture
-def cloud(broker_factory: BrokerFactory) -> Broker:
-    """The cloud broker, running."""
-    broker = broker_factory(name="cloud")
-    broker.start()
-    return broker
-
 
 @pytest.fixture
 def app(cloud: Broker, mqtt_clients: MqttClients) -> Publisher:

@@ -13,7 +13,7 @@ import pytest
 
 from edge.documents import parse_desired
 from edge.errors import DocumentError
-from tests.conftest import BrokerFactory, RegistryFactory
+from tests.conftest import RegistryFactory
 from tests.support.broker import Broker
 from tests.support.net import free_port, wait_until
 from tests.support.registry import Registry
@@ -36,12 +36,6 @@ def fleet(*args: str, stdin: str | None = None, env: dict[str, str] | None = Non
                           text=True, timeout=timeout, env=environ,
                           stdin=None if stdin is not None else subprocess.DEVNULL)
 
-
-@pytest.fixture
-def cloud(broker_factory: BrokerFactory) -> Broker:
-    broker = broker_factory(name="cloud")
-    broker.start()
-    return broker
 
 
 @pytest.fixture

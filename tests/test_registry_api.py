@@ -10,7 +10,7 @@ import pytest
 
 from edge.documents import parse_desired
 from edge.errors import DocumentError
-from tests.conftest import BrokerFactory, RegistryFactory
+from tests.conftest import RegistryFactory
 from tests.support.broker import Broker
 from tests.support.mqttclient import connect, make_client, new_client_id
 from tests.support.net import wait_until
@@ -19,12 +19,6 @@ from tests.support.simnode import PREFIX, SimNodes
 
 WEB = {"services": {"web": {"command": ["sleep", "60"]}}}
 
-
-@pytest.fixture
-def started_broker(broker_factory: BrokerFactory) -> Broker:
-    broker = broker_factory(name="cloud")
-    broker.start()
-    return broker
 
 
 def retained(port: int, topic: str, timeout: float = 5.0) -> tuple[dict[str, Any], bool]:
@@ -55,9 +49,9 @@ def put(reg: Registry, path: str, body: Any = None, raw: bytes | None = None) ->
 
 
 def test_put_desired_with_a_bad_document_answers_400_with_the_parsers_message(
-    started_broker: Broker, registry_factory: RegistryFactory, sim_nodes: SimNodes, db_url: str
+    cloud: Broker, registry_factory: RegistryFactory, sim_nodes: SimNodes, db_url: str
 ) -> None:
-    reg = registry_factory(started_broker, db_url)
+    reg = registry_factory(cloud, db_url)
     bad = {"services": {"web": {"command": "sleep 60"}}}
     with pytest.raises(DocumentError) as parser:
         parse_desired(bad, need_version=False)
@@ -73,17 +67,17 @@ def test_put_desired_with_a_bad_document_answers_400_with_the_parsers_message(
 
 
 def test_put_desired_bumps_above_applied_stores_and_publishes_retained(
-    started_broker: Broker, registry_factory: RegistryFactory, sim_nodes: SimNodes, db_url: str
+    cloud: Broker, registry_factory: RegistryFactory, sim_nodes: SimNodes, db_url: str
 ) -> None:
-    reg = registry_factory(started_broker, db_url)
-    node = sim_nodes(started_broker.port, "n1")
+    reg = registry_factory(cloud, db_url)
+    node = sim_nodes(cloud.port, "n1")
     node.reported(1, desired_applied=7)
     wait_until(lambda: "n1" in reg.nodes(), 10, what="node stored")
     assert put(reg, "/api/v1/nodes/n1/desired", WEB) == (
         200, {"node": "n1", "version": 8, "published": True})
     status, answer = put(reg, "/api/v1/nodes/n1/desired", {"services": {}})
     assert (status, answer["version"]) == (200, 9)
-    doc, retain = retained(started_broker.port, f"{PREFIX}/nodes/n1/desired")
+    doc, retain = retained(cloud.port, f"{PREFIX}/nodes/n1/desired")
     assert retain is True
     assert parse_desired(doc).version == 9 and doc["services"] == {}
     detail = reg.get("/api/v1/nodes/n1")
@@ -92,25 +86,25 @@ def test_put_desired_bumps_above_applied_stores_and_publishes_retained(
 
 
 def test_desired_put_while_the_broker_is_down_is_published_on_reconnect(
-    started_broker: Broker, registry_factory: RegistryFactory, sim_nodes: SimNodes, db_url: str
+    cloud: Broker, registry_factory: RegistryFactory, sim_nodes: SimNodes, db_url: str
 ) -> None:
-    reg = registry_factory(started_broker, db_url)
-    started_broker.stop()
+    reg = registry_factory(cloud, db_url)
+    cloud.stop()
     wait_until(lambda: reg.get("/healthz")["broker"] == "offline", 10, what="broker offline")
     status, answer = put(reg, "/api/v1/nodes/n1/desired?provision=true", WEB)
     assert (status, answer) == (200, {"node": "n1", "version": 1, "published": False})
     assert reg.get("/api/v1/nodes/n1")["desired_published"] is False
-    started_broker.start()
+    cloud.start()
     wait_until(lambda: reg.get("/api/v1/nodes/n1")["desired_published"], 15,
                what="published after the reconnect")
-    doc, retain = retained(started_broker.port, f"{PREFIX}/nodes/n1/desired")
+    doc, retain = retained(cloud.port, f"{PREFIX}/nodes/n1/desired")
     assert retain and doc["version"] == 1 and doc["services"] == WEB["services"]
 
 
 def test_a_put_for_a_node_never_heard_of_is_refused_unless_provisioning(
-    started_broker: Broker, registry_factory: RegistryFactory, db_url: str
+    cloud: Broker, registry_factory: RegistryFactory, db_url: str
 ) -> None:
-    reg = registry_factory(started_broker, db_url)
+    reg = registry_factory(cloud, db_url)
     status, answer = put(reg, "/api/v1/nodes/typo-node/desired", WEB)
     assert status == 404 and answer["error"]["code"] == "unknown_node"
     assert "provision=true" in answer["error"]["message"]
@@ -123,9 +117,9 @@ def test_a_put_for_a_node_never_heard_of_is_refused_unless_provisioning(
 
 
 def test_deeply_nested_json_and_bad_node_ids_get_400(
-    started_broker: Broker, registry_factory: RegistryFactory, db_url: str
+    cloud: Broker, registry_factory: RegistryFactory, db_url: str
 ) -> None:
-    reg = registry_factory(started_broker, db_url)
+    reg = registry_factory(cloud, db_url)
     status, answer = put(reg, "/api/v1/nodes/n1/desired", raw=b"[" * 100_000)
     assert status == 400 and answer["error"]["code"] == "bad_json"
     status, answer = reg.request("GET", "/api/v1/nodes/bad%20id")
@@ -134,11 +128,11 @@ def test_deeply_nested_json_and_bad_node_ids_get_400(
 
 
 def test_label_group_put_sets_desired_on_every_node_with_the_label(
-    started_broker: Broker, registry_factory: RegistryFactory, sim_nodes: SimNodes, db_url: str
+    cloud: Broker, registry_factory: RegistryFactory, sim_nodes: SimNodes, db_url: str
 ) -> None:
-    reg = registry_factory(started_broker, db_url)
+    reg = registry_factory(cloud, db_url)
     for name, site in (("a", "x"), ("b", "x"), ("c", "y")):
-        sim_nodes(started_broker.port, name).reported(1, labels={"site": site})
+        sim_nodes(cloud.port, name).reported(1, labels={"site": site})
     wait_until(lambda: len(reg.nodes()) == 3, 10, what="3 nodes stored")
     status, answer = put(reg, "/api/v1/labels/site/x/desired", WEB)
     assert status == 200
@@ -150,16 +144,16 @@ def test_label_group_put_sets_desired_on_every_node_with_the_label(
 
 
 def test_nodes_filter_by_health_and_label(
-    started_broker: Broker, registry_factory: RegistryFactory, sim_nodes: SimNodes, db_url: str
+    cloud: Broker, registry_factory: RegistryFactory, sim_nodes: SimNodes, db_url: str
 ) -> None:
-    reg = registry_factory(started_broker, db_url, extra=["--backlog-depth", "100",
+    reg = registry_factory(cloud, db_url, extra=["--backlog-depth", "100",
                                                           "--backlog-age", "10m"])
-    ok = sim_nodes(started_broker.port, "ok")
+    ok = sim_nodes(cloud.port, "ok")
     ok.online(depth=100)
     ok.reported(1, labels={"role": "gw"})
-    sim_nodes(started_broker.port, "deep").online(depth=101)
-    sim_nodes(started_broker.port, "old").online(depth=1, oldest_age=601.0)
-    gone = sim_nodes(started_broker.port, "gone")
+    sim_nodes(cloud.port, "deep").online(depth=101)
+    sim_nodes(cloud.port, "old").online(depth=1, oldest_age=601.0)
+    gone = sim_nodes(cloud.port, "gone")
     gone.reported(1, labels={"role": "gw"})
     gone.die()
     wait_until(lambda: len(reg.nodes()) == 4, 10, what="4 nodes stored")
@@ -179,10 +173,10 @@ def test_nodes_filter_by_health_and_label(
 
 
 def test_online_node_without_heartbeats_goes_stale(
-    started_broker: Broker, registry_factory: RegistryFactory, sim_nodes: SimNodes, db_url: str
+    cloud: Broker, registry_factory: RegistryFactory, sim_nodes: SimNodes, db_url: str
 ) -> None:
-    reg = registry_factory(started_broker, db_url, extra=["--stale-after", "2"])
-    node = sim_nodes(started_broker.port, "n1", heartbeat=0.5)
+    reg = registry_factory(cloud, db_url, extra=["--stale-after", "2"])
+    node = sim_nodes(cloud.port, "n1", heartbeat=0.5)
     node.online()
     assert wait_until(lambda: reg.nodes().get("n1", {}).get("health") == "healthy", 10,
                       what="healthy") < 1.0
@@ -193,12 +187,12 @@ def test_online_node_without_heartbeats_goes_stale(
 
 
 def test_dashboard_pages_render_the_fleet_and_404_an_unknown_node(
-    started_broker: Broker, registry_factory: RegistryFactory, sim_nodes: SimNodes, tmp_path: Any
+    cloud: Broker, registry_factory: RegistryFactory, sim_nodes: SimNodes, tmp_path: Any
 ) -> None:
     import urllib.error
     import urllib.request
-    reg = registry_factory(started_broker, f"sqlite://{tmp_path / 'r.db'}")
-    sim_nodes(started_broker.port, "n1").reported(3)
+    reg = registry_factory(cloud, f"sqlite://{tmp_path / 'r.db'}")
+    sim_nodes(cloud.port, "n1").reported(3)
     wait_until(lambda: "n1" in reg.nodes(), 10, what="node stored")
     with urllib.request.urlopen(reg.url + "/?health=offline", timeout=10) as resp:
         assert resp.status == 200 and "n1" in resp.read().decode()

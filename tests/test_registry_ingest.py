@@ -9,19 +9,12 @@ from typing import Any
 import cbor2
 import pytest
 
-from tests.conftest import BrokerFactory, RegistryFactory
+from tests.conftest import RegistryFactory
 from tests.support.broker import Broker
 from tests.support.mqttclient import connect, make_client, new_client_id
 from tests.support.net import wait_until
 from tests.support.registry import Registry
 from tests.support.simnode import PREFIX, SimNodes, reported_doc, status_doc
-
-
-@pytest.fixture
-def started_broker(broker_factory: BrokerFactory) -> Broker:
-    broker = broker_factory(name="cloud")
-    broker.start()
-    return broker
 
 
 def node_of(reg: Registry, node: str) -> dict[str, Any] | None:
@@ -60,10 +53,10 @@ def publish_all(port: int, messages: list[tuple[str, bytes]]) -> None:
 
 
 def test_spoofed_reported_document_is_rejected_and_counted(
-    started_broker: Broker, registry_factory: RegistryFactory, sim_nodes: SimNodes, db_url: str
+    cloud: Broker, registry_factory: RegistryFactory, sim_nodes: SimNodes, db_url: str
 ) -> None:
-    reg = registry_factory(started_broker, db_url)
-    node = sim_nodes(started_broker.port, "honest")
+    reg = registry_factory(cloud, db_url)
+    node = sim_nodes(cloud.port, "honest")
     node.publish("reported", cbor2.dumps(reported_doc("victim", 99)))
     node.reported(5)
     wait_node(reg, "honest", "good document stored", lambda n: n["reported_version"] == 5)
@@ -73,10 +66,10 @@ def test_spoofed_reported_document_is_rejected_and_counted(
 
 
 def test_malformed_and_oversized_documents_are_counted_and_the_next_good_one_served(
-    started_broker: Broker, registry_factory: RegistryFactory, sim_nodes: SimNodes, db_url: str
+    cloud: Broker, registry_factory: RegistryFactory, sim_nodes: SimNodes, db_url: str
 ) -> None:
-    reg = registry_factory(started_broker, db_url)
-    node = sim_nodes(started_broker.port, "n1")
+    reg = registry_factory(cloud, db_url)
+    node = sim_nodes(cloud.port, "n1")
     node.publish("reported", b"\xff\x00 not cbor")
     node.publish("status", cbor2.dumps(status_doc("online", boot=1, conn=1)
                                        | {"pad": "x" * 5000}))  # over the status size limit
@@ -91,10 +84,10 @@ def test_malformed_and_oversized_documents_are_counted_and_the_next_good_one_ser
 
 
 def test_late_older_reported_document_never_overwrites_the_newer(
-    started_broker: Broker, registry_factory: RegistryFactory, sim_nodes: SimNodes, db_url: str
+    cloud: Broker, registry_factory: RegistryFactory, sim_nodes: SimNodes, db_url: str
 ) -> None:
-    reg = registry_factory(started_broker, db_url)
-    node = sim_nodes(started_broker.port, "n1")
+    reg = registry_factory(cloud, db_url)
+    node = sim_nodes(cloud.port, "n1")
     node.reported(10, profile="newest")
     wait_node(reg, "n1", "version 10", lambda n: n["reported_version"] == 10)
     node.reported(7, profile="late")
@@ -106,11 +99,11 @@ def test_late_older_reported_document_never_overwrites_the_newer(
 
 
 def test_many_versions_in_a_burst_keep_the_newest(
-    started_broker: Broker, registry_factory: RegistryFactory, sim_nodes: SimNodes, db_url: str
+    cloud: Broker, registry_factory: RegistryFactory, sim_nodes: SimNodes, db_url: str
 ) -> None:
-    reg = registry_factory(started_broker, db_url)
+    reg = registry_factory(cloud, db_url)
     versions = [5, 9, 2, 8, 7, 1]
-    publish_all(started_broker.port, [
+    publish_all(cloud.port, [
         (f"{PREFIX}/nodes/n{i}/reported", cbor2.dumps(reported_doc(f"n{i}", v)))
         for v in versions for i in range(20)
     ])
@@ -121,10 +114,10 @@ def test_many_versions_in_a_burst_keep_the_newest(
 
 
 def test_will_made_before_later_heartbeats_still_wins(
-    started_broker: Broker, registry_factory: RegistryFactory, sim_nodes: SimNodes, db_url: str
+    cloud: Broker, registry_factory: RegistryFactory, sim_nodes: SimNodes, db_url: str
 ) -> None:
-    reg = registry_factory(started_broker, db_url)
-    node = sim_nodes(started_broker.port, "n1")  # the Will's ts: now
+    reg = registry_factory(cloud, db_url)
+    node = sim_nodes(cloud.port, "n1")  # the Will's ts: now
     time.sleep(0.05)
     node.online()
     node.online()  # heartbeats, newer ts than the Will
@@ -135,10 +128,10 @@ def test_will_made_before_later_heartbeats_still_wins(
 
 
 def test_older_online_after_offline_does_not_win(
-    started_broker: Broker, registry_factory: RegistryFactory, sim_nodes: SimNodes, db_url: str
+    cloud: Broker, registry_factory: RegistryFactory, sim_nodes: SimNodes, db_url: str
 ) -> None:
-    reg = registry_factory(started_broker, db_url)
-    node = sim_nodes(started_broker.port, "n1", boot=1000.0, conn=2)
+    reg = registry_factory(cloud, db_url)
+    node = sim_nodes(cloud.port, "n1", boot=1000.0, conn=2)
     node.publish("status", cbor2.dumps(status_doc("offline", boot=1000.0, conn=2, ts=1500.0)))
     wait_node(reg, "n1", "offline", lambda n: n["status"] is not None)
     # A heartbeat of the same connection sent later than the Will's ts, and one of an
@@ -152,12 +145,12 @@ def test_older_online_after_offline_does_not_win(
 
 
 def test_two_workers_on_one_shared_subscription_store_each_node_once_with_its_newest(
-    started_broker: Broker, registry_factory: RegistryFactory, postgres_url: str
+    cloud: Broker, registry_factory: RegistryFactory, postgres_url: str
 ) -> None:
-    one = registry_factory(started_broker, postgres_url)
-    two = registry_factory(started_broker, postgres_url)
+    one = registry_factory(cloud, postgres_url)
+    two = registry_factory(cloud, postgres_url)
     time.sleep(0.5)  # both retained reads over (--catchup-idle 0.3s): only live traffic below
-    publish_all(started_broker.port, [
+    publish_all(cloud.port, [
         (f"{PREFIX}/nodes/n{i:02d}/{kind}", doc)
         for v in range(1, 6) for i in range(50)
         for kind, doc in (("reported", cbor2.dumps(reported_doc(f"n{i:02d}", v))),
@@ -178,14 +171,14 @@ def test_two_workers_on_one_shared_subscription_store_each_node_once_with_its_ne
 
 
 def test_registries_in_different_share_groups_each_get_every_document(
-    started_broker: Broker, registry_factory: RegistryFactory, tmp_path: Path
+    cloud: Broker, registry_factory: RegistryFactory, tmp_path: Path
 ) -> None:
-    prod = registry_factory(started_broker, f"sqlite://{tmp_path / 'prod.db'}",
+    prod = registry_factory(cloud, f"sqlite://{tmp_path / 'prod.db'}",
                             extra=["--share-group", "prod"])
-    staging = registry_factory(started_broker, f"sqlite://{tmp_path / 'staging.db'}",
+    staging = registry_factory(cloud, f"sqlite://{tmp_path / 'staging.db'}",
                                extra=["--share-group", "staging"])
     time.sleep(0.5)  # both retained reads over: only live traffic below
-    publish_all(started_broker.port, [
+    publish_all(cloud.port, [
         (f"{PREFIX}/nodes/n{i:02d}/reported", cbor2.dumps(reported_doc(f"n{i:02d}", v)))
         for v in range(1, 4) for i in range(20)
     ])
@@ -196,11 +189,11 @@ def test_registries_in_different_share_groups_each_get_every_document(
 
 
 def test_registry_on_an_empty_database_rebuilds_its_view_from_retained_messages(
-    started_broker: Broker, registry_factory: RegistryFactory, sim_nodes: SimNodes, db_url: str,
+    cloud: Broker, registry_factory: RegistryFactory, sim_nodes: SimNodes, db_url: str,
     tmp_path: Path, request: pytest.FixtureRequest,
 ) -> None:
-    first = registry_factory(started_broker, db_url)
-    nodes = [sim_nodes(started_broker.port, f"n{i}") for i in range(3)]
+    first = registry_factory(cloud, db_url)
+    nodes = [sim_nodes(cloud.port, f"n{i}") for i in range(3)]
     for i, node in enumerate(nodes):
         node.online(depth=i)
         node.reported(100 + i, labels={"site": "lab"})
@@ -214,7 +207,7 @@ def test_registry_on_an_empty_database_rebuilds_its_view_from_retained_messages(
         empty = f"sqlite://{tmp_path / 'empty.db'}"
     else:
         empty = request.getfixturevalue("postgres_server").create_database()
-    second = registry_factory(started_broker, empty)
+    second = registry_factory(cloud, empty)
 
     def rebuilt() -> bool:
         got = second.nodes()
@@ -232,7 +225,7 @@ def test_registry_on_an_empty_database_rebuilds_its_view_from_retained_messages(
 
 
 async def test_a_long_write_queue_pauses_reading_and_loses_nothing(
-    started_broker: Broker, tmp_path: Path
+    cloud: Broker, tmp_path: Path
 ) -> None:
     """Past `queue_high` waiting documents the ingest stops reading; all are stored after."""
     import asyncio
@@ -242,7 +235,7 @@ async def test_a_long_write_queue_pauses_reading_and_loses_nothing(
     from edge.registry.store import open_store
 
     store = await open_store(f"sqlite://{tmp_path / 'r.db'}")
-    settings = RegistrySettings(broker_port=started_broker.port, db_url="sqlite:///unused",
+    settings = RegistrySettings(broker_port=cloud.port, db_url="sqlite:///unused",
                                 client_id="paused-ingest", batch_max=5, queue_high=40,
                                 catchup_idle=0.2)
     ingest = Ingest(settings, store)
@@ -251,7 +244,7 @@ async def test_a_long_write_queue_pauses_reading_and_loses_nothing(
         await asyncio.to_thread(wait_until, lambda: ingest.online, 10, what="ingest online")
         from edge.mqtt import MqttConnection
 
-        sender = MqttConnection(host="127.0.0.1", port=started_broker.port, client_id="bulk",
+        sender = MqttConnection(host="127.0.0.1", port=cloud.port, client_id="bulk",
                                 keepalive=30, max_inflight=200)
         await sender.connect(10)
         await asyncio.gather(*(

@@ -63,7 +63,13 @@ def _settings(args: argparse.Namespace) -> Any:
     """RegistrySettings from the flags; ValueError names the flag."""
     from edge.config import parse_mqtt_url
     from edge.registry.health import HealthPolicy
-    from edge.registry.settings import RegistrySettings, check_prefix, default_db_url, parse_http
+    from edge.registry.settings import (
+        RegistrySettings,
+        check_prefix,
+        check_share_group,
+        default_db_url,
+        parse_http,
+    )
     from edge.registry.store import check_db_url
     from edge.units import parse_duration
 
@@ -105,11 +111,7 @@ def _settings(args: argparse.Namespace) -> Any:
         backlog_age=flag("--backlog-age", duration, args.backlog_age),
     )
     reconnect_max = flag("--reconnect-max", duration, args.reconnect_max)
-    share_group = args.share_group
-    if not share_group or len(share_group) > 64 or not all(
-            c.isascii() and (c.isalnum() or c in "_-") for c in share_group):
-        raise ValueError(f"--share-group: expected 1 to 64 characters A-Z a-z 0-9 _ -,"
-                         f" got {share_group!r}")
+    share_group = flag("--share-group", check_share_group, args.share_group)
     return RegistrySettings(
         share_group=share_group,
         broker_host=broker_host, broker_port=broker_port, db_url=db_url,

@@ -10,7 +10,8 @@ from urllib.parse import urlsplit, urlunsplit
 
 from edge.registry.health import HealthPolicy
 
-__all__ = ["RegistrySettings", "check_prefix", "db_url_for_humans", "default_db_url", "parse_http"]
+__all__ = ["RegistrySettings", "check_prefix", "check_share_group", "db_url_for_humans",
+           "default_db_url", "parse_http"]
 
 _PREFIX_JUNK = re.compile(r"[+#\x00-\x1f\x7f-\x9f]")
 _SHARE_GROUP = re.compile(r"[A-Za-z0-9_-]{1,64}")
@@ -43,6 +44,13 @@ def parse_http(text: str) -> tuple[str, int]:
     if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
         raise ValueError(f"expected HOST:PORT like 127.0.0.1:8080, got {text!r}")
     return host, int(port)
+
+
+def check_share_group(name: str) -> str:
+    """A shared subscription group name; ValueError when it is not one."""
+    if not _SHARE_GROUP.fullmatch(name):
+        raise ValueError(f"expected 1 to 64 characters A-Z a-z 0-9 _ -, got {name!r}")
+    return name
 
 
 def check_prefix(prefix: str) -> str:
@@ -81,9 +89,7 @@ class RegistrySettings:
 
     def __post_init__(self) -> None:
         check_prefix(self.prefix)
-        if not _SHARE_GROUP.fullmatch(self.share_group):
-            raise ValueError(f"expected a group name of 1 to 64 characters A-Z a-z 0-9 _ -,"
-                             f" got {self.share_group!r}")
+        check_share_group(self.share_group)
         if self.reconnect_initial <= 0 or self.reconnect_max < self.reconnect_initial:
             raise ValueError("reconnect: expected 0 < initial <= max")
         if self.batch_max < 1 or self.receive_maximum < 1:

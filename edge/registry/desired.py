@@ -30,6 +30,7 @@ log = logging.getLogger("edge.registry.desired")
 Publish = Callable[[str, bytes], Awaitable[bool]]
 _REREADS = 5  # publishes per flush at most: PUTs that keep coming go out with the next
 _NUDGE_EVERY = 60.0  # seconds between resends to a node that reports an older version
+_REMEMBER = 100_000  # nodes kept in each of the publisher's small caches
 
 
 class DesiredPublisher:
@@ -43,13 +44,20 @@ class DesiredPublisher:
         self._reports: dict[str, tuple[int, int | None]] = {}  # not looked at yet
         self._report_wake = asyncio.Event()
         self._looked: dict[str, float] = {}  # node -> monotonic time of the last resend
+        self._versions: dict[str, int] = {}  # node -> desired version stored, as last seen
 
     async def put(self, node: str, doc: Mapping[str, Any], *, by: str) -> tuple[int, bool]:
         """Store a validated document body for `node`; (version, published)."""
         body = {"v": 1, "ts": time.time(), "by": by, **{k: v for k, v in doc.items()
                                                         if k in ("services", "config")}}
         version = await self._store.put_desired(node, desired_body(body))
+        self._remember(node, version)
         return version, await self.flush(node, version)
+
+    def _remember(self, node: str, version: int) -> None:
+        if len(self._versions) > _REMEMBER:
+            self._versions.clear()  # a bound on memory: what is forgotten is read again
+        self._versions[node] = max(version, self._versions.get(node, 0))
 
     def reported(self, node: str, applied: int, rejected: int | None) -> None:
         """Note what a node's newest report says it applied (called by the ingest)."""
@@ -71,17 +79,23 @@ class DesiredPublisher:
             for node, (applied, rejected) in reports.items():
                 if now - self._looked.get(node, -1e18) < _NUDGE_EVERY:
                     continue
+                known = self._versions.get(node)
+                if known is not None and known <= applied:
+                    # Versions only grow: a newer one stored by another worker since was
+                    # published by that worker. No read needed, even in a storm.
+                    continue
                 try:
                     stored = await self._store.desired(node)
                 except RegistryError:
                     continue  # the store is failing: the next report asks again
+                self._remember(node, 0 if stored is None else stored[0])
                 if stored is None or stored[0] <= applied or stored[0] == rejected:
                     continue
                 self._looked[node] = now
                 log.info("node %s reports desired version %d applied, %d is stored:"
                          " publishing it again", node, applied, stored[0])
                 await self.flush(node, force=True)
-            if len(self._looked) > 100_000:  # a bound on memory, not a schedule
+            if len(self._looked) > _REMEMBER:  # a bound on memory, not a schedule
                 self._looked.clear()
             await asyncio.sleep(1.0)  # a storm's reports are taken in batches
 

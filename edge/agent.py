@@ -23,6 +23,7 @@ from edge.downlink import Downlink
 from edge.errors import ConfigError, EdgeError, RequestError
 from edge.inbox import Inbox
 from edge.localbus import LocalBus
+from edge.notify import Notifier
 from edge.outbox import Outbox
 from edge.rates import RateMeter
 from edge.reconcile import Reconciler
@@ -102,6 +103,7 @@ class Agent:
             max_connections=max(8, min(1024, self._raise_fd_limit() // 2 - 32)),
         )
         self.rates = RateMeter()
+        self.notifier = Notifier()  # systemd's READY/WATCHDOG/STATUS, when it asks for them
         self._stop = asyncio.Event()
         self._lock: IO[str] | None = None
 
@@ -123,6 +125,8 @@ class Agent:
                 __version__, self.node, self.settings.node.data_dir, self.settings.api.socket,
                 self.settings.uplink.url or "none",
             )
+            # The outbox is recovered and the socket listens: systemd may start what needs us.
+            self.notifier.ready(self._status_line())
             async with asyncio.TaskGroup() as tg:
                 tasks = [
                     tg.create_task(self.outbox.run(), name="outbox"),
@@ -135,6 +139,7 @@ class Agent:
                     tg.create_task(self.rates.run(self.outbox), name="rates"),
                     tg.create_task(self.desired.run(), name="desired"),
                     tg.create_task(self.reporter.run(), name="reported"),
+                    tg.create_task(self.notifier.run(self._status_line), name="notify"),
                 ]
                 await self._stop.wait()
                 log.info("stopping")
@@ -151,11 +156,19 @@ class Agent:
             await self.outbox.close()
             await self.inbox.close()
             self._unlock_data_dir()
+            self.notifier.close()
             log.info("stopped")
 
     def stop(self) -> None:
         """Ask the agent to shut down (idempotent)."""
+        if not self._stop.is_set():
+            self.notifier.stopping()
         self._stop.set()
+
+    def _status_line(self) -> str:
+        """One line for `systemctl status`: the uplink and the backlog."""
+        depth = sum(self.outbox.by_priority().values())
+        return f"uplink {self.uplink.snapshot().state}, {depth} queued"
 
     @staticmethod
     def _raise_fd_limit() -> int:

@@ -7,6 +7,7 @@ STOPPING=1 on SIGTERM.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -19,8 +20,8 @@ from pathlib import Path
 import pytest
 
 from edge.notify import Notifier, watchdog_interval
-from tests.conftest import AgentFactory
-from tests.support.agent import ApiClient
+from tests.conftest import AgentFactory, BrokerFactory, SubscriberFactory
+from tests.support.agent import ApiClient, ApiError
 
 
 @dataclass
@@ -171,3 +172,49 @@ def test_an_abstract_socket_address_is_used_as_such(tmp_path: Path) -> None:
         notifier.close()
     finally:
         sock.close()
+
+
+def test_every_publish_answered_ok_before_sigterm_is_delivered_after_the_next_start(
+    broker_factory: BrokerFactory, agent_factory: AgentFactory,
+    subscriber_factory: SubscriberFactory,
+) -> None:
+    """systemd stops the agent in the middle of a burst: nothing it said ok to is lost."""
+    broker = broker_factory(name="cloud")  # down for now: everything stays in the outbox
+    agent = agent_factory(broker)
+    client = agent.connect(timeout=15)
+    lines = b"".join(json.dumps({"op": "publish", "topic": "burst", "data": f"m{i}"}).encode()
+                     + b"\n" for i in range(20_000))
+    writer = threading.Thread(target=lambda: _send_quietly(client, lines), daemon=True)
+    writer.start()
+    accepted: list[int] = []
+    try:
+        while len(accepted) < 300:
+            answer = client.read_response()
+            if answer.get("ok"):
+                accepted.append(answer["seq"])
+        os.kill(agent.pid, signal.SIGTERM)  # mid-burst
+        while True:
+            try:
+                answer = client.read_response()
+            except (ApiError, OSError):
+                break  # the agent closed the connection as it stopped
+            if answer.get("ok"):
+                accepted.append(answer["seq"])
+    finally:
+        client.close()
+        writer.join(10)
+    assert agent.terminate(timeout=15) == 0  # already stopping: waits for the exit
+    assert len(accepted) < 20_000, "the burst ended before the SIGTERM: nothing was tested"
+
+    broker.start()
+    subscriber = subscriber_factory(broker)
+    agent.start()
+    subscriber.wait_for_seqs(accepted, timeout=60)
+    assert set(accepted) <= subscriber.distinct_seqs()
+
+
+def _send_quietly(client: ApiClient, data: bytes) -> None:
+    try:
+        client.send_raw(data)
+    except OSError:
+        pass  # the agent stopped reading: the test looks at what was answered

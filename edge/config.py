@@ -17,6 +17,7 @@ from urllib.parse import urlsplit
 
 from edge.errors import ConfigError
 from edge.nodeid import default_node_id, validate_node_id
+from edge.profiles import check_profile_name
 from edge.services import parse_services
 from edge.settings import (
     ApiSettings,
@@ -334,6 +335,12 @@ def _globs(value: Any) -> tuple[str, ...]:
     return tuple(value)
 
 
+def _profile(value: Any) -> str:
+    name = _checked(_text, 'a profile name like "generic-arm64" or "auto"',
+                    lambda name: _PROFILE.fullmatch(name) is not None)(value)
+    return check_profile_name(name)  # ValueError listing the known profiles
+
+
 def _positive(seconds: float) -> bool:
     return seconds > 0
 
@@ -346,8 +353,7 @@ def _off_or_at_least_1s(seconds: float) -> bool:
 _SECTIONS: dict[str, dict[str, Parser]] = {
     "node": {
         "id": validate_node_id,  # "auto" is valid and resolved in _build
-        "profile": _checked(_text, 'a profile name like "generic-arm64" or "auto"',
-                            lambda name: _PROFILE.fullmatch(name) is not None),
+        "profile": _profile,
         "data_dir": _path,
         "labels": _labels,
     },

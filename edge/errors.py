@@ -4,6 +4,7 @@ Every error the project raises on purpose derives from ``EdgeError``::
 
     EdgeError
     ├── ConfigError          a config file, flag or value is wrong
+    ├── ProfileError         a firmware profile file is not valid, or none fits
     ├── EnvelopeError        a CBOR envelope could not be built or decoded
     │   └── MessageTooLarge  over a size limit
     ├── StorageError         the outbox database failed
@@ -24,6 +25,7 @@ __all__ = [
     "EdgeError",
     "EnvelopeError",
     "MessageTooLarge",
+    "ProfileError",
     "QueueFull",
     "RegistryError",
     "RequestError",
@@ -38,6 +40,10 @@ class EdgeError(Exception):
 
 class ConfigError(EdgeError):
     """A configuration file, flag or value is not valid."""
+
+
+class ProfileError(EdgeError):
+    """A firmware profile file is not valid, or no profile fits the machine."""
 
 
 class EnvelopeError(EdgeError):

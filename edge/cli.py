@@ -120,10 +120,12 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("file", type=Path)
 
     from edge.fleet import add_fleet_parser
+    from edge.profile_cli import add_profile_parser
     from edge.registry.command import add_registry_parser
 
     add_registry_parser(sub)  # `edge registry serve`: its imports wait until it runs
     add_fleet_parser(sub)     # `edge fleet ...`: a client of the registry's HTTP API
+    add_profile_parser(sub)   # `edge profile`: reads the board's files, no agent needed
     return p
 
 
@@ -135,7 +137,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _run(args)
         if args.command == "config":
             return _config_check(args.file)
-        if args.command in ("registry", "fleet"):
+        if args.command in ("registry", "fleet", "profile"):
             code: int = args.handler(args)
             return code
         return _client_command(args)

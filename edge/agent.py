@@ -13,6 +13,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import asdict
 from functools import partial
+from pathlib import Path
 from typing import IO, Any
 
 from edge import __version__
@@ -25,6 +26,7 @@ from edge.inbox import Inbox
 from edge.localbus import LocalBus
 from edge.notify import Notifier
 from edge.outbox import Outbox
+from edge.profiles import UNKNOWN, Profile, facts_for, load_profiles, read_facts
 from edge.rates import RateMeter
 from edge.reconcile import Reconciler
 from edge.reported import Reporter
@@ -32,7 +34,7 @@ from edge.services import ServiceError
 from edge.settings import Settings
 from edge.subscribers import Subscribers, validate_filter
 from edge.supervisor import Supervisor
-from edge.telemetry import Telemetry
+from edge.telemetry import Telemetry, read_metrics
 from edge.uplink import Uplink
 
 __all__ = ["Agent"]
@@ -78,7 +80,11 @@ class Agent:
             })
         except ServiceError as exc:
             raise ConfigError(f"config {settings.source}: {exc}") from exc
-        self.telemetry = Telemetry(settings.telemetry.interval, data_dir, self._submit_telemetry)
+        self.telemetry = Telemetry(settings.telemetry.interval, data_dir, self._submit_telemetry,
+                                   sampler=self._sample)
+        self.profile_name = settings.node.profile  # resolved when run() starts
+        self._profile: Profile | None = None
+        self.facts: dict[str, Any] = {}
         self._clock = clock
         self.reconciler = Reconciler(settings, self.supervisor, self.telemetry, self.outbox)
         self.desired = DesiredState(data_dir / "desired.cbor", self.reconciler.apply,
@@ -115,6 +121,7 @@ class Agent:
         try:
             await self.outbox.open()
             await self.inbox.open()
+            await self._resolve_profile()
             await self.desired.restore()  # the last accepted desired state: no network needed
             await self.api.start()
             loop = asyncio.get_running_loop()
@@ -208,6 +215,25 @@ class Agent:
                 self._lock.close()
             self._lock = None
 
+    async def _resolve_profile(self) -> None:
+        """Find the firmware profile ("auto": detect the board) and read its facts once."""
+        try:
+            name, facts = await asyncio.to_thread(facts_for, self.settings.node.profile)
+            self._profile = (await asyncio.to_thread(load_profiles)).get(name)
+        except EdgeError as exc:  # broken profile files: the agent runs on without them
+            log.error("firmware profiles: %s; the profile is reported as unknown", exc)
+            name, facts = UNKNOWN, {}
+        self.profile_name, self.facts = name, facts
+        self.discovery.profile = name
+        log.info("firmware profile %s", name)
+
+    def _sample(self, data_dir: Path) -> dict[str, object]:
+        """One telemetry sample (blocks: runs on the telemetry thread), with the board's facts."""
+        metrics = read_metrics(data_dir)
+        if self._profile is not None:
+            metrics["facts"] = read_facts(self._profile)
+        return metrics
+
     # ---- ingress -------------------------------------------------------------
 
     def _submit(
@@ -235,7 +261,8 @@ class Agent:
             "node": self.node,
             "ts": self._clock(),
             "agent": __version__,
-            "profile": self.settings.node.profile,
+            "profile": self.profile_name,
+            "facts": self.facts,
             "labels": dict(self.settings.node.labels),
             "services": [
                 {key: row[key] for key in ("name", "state", "reason", "pid", "restarts",
@@ -298,6 +325,7 @@ class Agent:
             "node": self.node,
             "version": __version__,
             "boot": self.boot,
+            "profile": self.profile_name,
             "uplink": {
                 "state": up.state, "since": up.since, "url": up.url, "connects": up.connects,
                 "last_error": up.last_error, "inflight": up.inflight,

@@ -281,6 +281,11 @@ def test_the_reported_version_grows_across_restarts(
     agent = agent_factory(broker, overrides=FAST)
     first = wait_reported(broker, lambda d: True)
     assert first["node"] == NODE and first["v"] == 1
+    # The board's firmware profile, detected ("auto"), and its facts.
+    from edge.profiles import facts_for
+    assert first["profile"] == facts_for("auto")[0] != "auto"
+    assert first["facts"]["machine"]["value"] == os.uname().machine
+    assert agent.status()["profile"] == first["profile"]
     agent.kill9()
     stored = int((agent.data_dir / "reported-version").read_text())
     assert stored >= first["version"]

@@ -39,9 +39,9 @@ def test_telemetry_sampled_offline_arrives_later_with_its_original_timestamps(
     for env in sub.envelopes():
         assert env["topic"] == "telemetry" and env["node"] == "node-a"
         assert env["data"]["ts"] == env["ts"], "ts must be the sample time, not the send time"
-        assert {"cpu", "load", "memory", "disk", "net", "uptime", "temperatures"} <= set(
-            env["data"]
-        )
+        assert {"cpu", "load", "memory", "disk", "net", "uptime", "temperatures",
+                "facts"} <= set(env["data"])
+        assert "memory" in env["data"]["facts"]  # the firmware profile's facts, fresh
     stamps = [e["ts"] for e in sub.envelopes()]
     assert stamps == sorted(stamps)
     # Telemetry has its own topic, never under up/.

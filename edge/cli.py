@@ -120,11 +120,13 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("file", type=Path)
 
     from edge.fleet import add_fleet_parser
+    from edge.install import add_install_parsers
     from edge.profile_cli import add_profile_parser
     from edge.registry.command import add_registry_parser
 
     add_registry_parser(sub)  # `edge registry serve`: its imports wait until it runs
     add_fleet_parser(sub)     # `edge fleet ...`: a client of the registry's HTTP API
+    add_install_parsers(sub)  # `edge install` / `edge uninstall`: the systemd service
     add_profile_parser(sub)   # `edge profile`: reads the board's files, no agent needed
     return p
 
@@ -137,7 +139,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _run(args)
         if args.command == "config":
             return _config_check(args.file)
-        if args.command in ("registry", "fleet", "profile"):
+        if args.command in ("registry", "fleet", "profile", "install", "uninstall"):
             code: int = args.handler(args)
             return code
         return _client_command(args)

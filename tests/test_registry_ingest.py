@@ -110,6 +110,10 @@ def test_many_versions_in_a_burst_keep_the_newest(
     wait_until(lambda: len(reg.nodes()) == 20, 10, what="20 nodes stored")
     wait_until(lambda: reg.get("/api/v1/stats")["documents"] == 120, 10,
                what="every document handled")
+    # Handled means decoded; the batch holding a node's 9 may still be committing.
+    wait_until(lambda: {n["reported_version"] for n in reg.nodes().values()} == {9}, 10,
+               what="each node at version 9")
+    time.sleep(0.3)  # and no later, older document undoes it
     assert {n["reported_version"] for n in reg.nodes().values()} == {9}
 
 
@@ -161,6 +165,12 @@ def test_two_workers_on_one_shared_subscription_store_each_node_once_with_its_ne
         seen = one.get("/api/v1/stats")["documents"] + two.get("/api/v1/stats")["documents"]
         return seen >= 500
     wait_until(done, 20, what="500 documents handled by the two workers")
+    # "handled" counts a document when it is decoded: its batch may still be committing.
+    def stored() -> bool:
+        nodes = one.get("/api/v1/nodes")["nodes"]
+        return len(nodes) == 50 and all(n["reported_version"] == 5 and n["online"]
+                                        for n in nodes)
+    wait_until(stored, 10, what="the last batches committed")
     nodes = one.get("/api/v1/nodes")["nodes"]
     assert [n["node"] for n in nodes] == [f"n{i:02d}" for i in range(50)]
     assert {n["reported_version"] for n in nodes} == {5}
@@ -185,7 +195,9 @@ def test_registries_in_different_share_groups_each_get_every_document(
     for reg in (prod, staging):
         wait_until(lambda r=reg: r.get("/api/v1/stats")["documents"] >= 60, 20,
                    what="every document in each registry")
-        assert [n["reported_version"] for n in reg.get("/api/v1/nodes")["nodes"]] == [3] * 20
+        # Counted when decoded; stored once its batch commits.
+        wait_until(lambda r=reg: [n["reported_version"] for n in r.get("/api/v1/nodes")["nodes"]]
+                   == [3] * 20, 10, what="each node at its newest version in each registry")
 
 
 def test_registry_on_an_empty_database_rebuilds_its_view_from_retained_messages(

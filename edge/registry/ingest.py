@@ -224,17 +224,20 @@ class Ingest:
             while self._queue:
                 n = min(len(self._queue), self.settings.batch_max)
                 batch = [self._queue.popleft() for _ in range(n)]
-                rows = self._rows(batch)
+                rows, valid = self._rows(batch)
                 if rows:
                     await self._write(rows)
+                self.stats.documents += valid  # handled: stored, or older than what is
                 for source, msg, _ in batch:
                     source.ack(msg)
                 self._resume_reading()
                 await asyncio.sleep(0)  # let the connections read (and ack) between batches
 
-    def _rows(self, batch: list[tuple[_Source, Inbound, float]]) -> list[Row]:
-        """Decode, reject what is bad, and keep only the newest row per node and kind."""
+    def _rows(self, batch: list[tuple[_Source, Inbound, float]]) -> tuple[list[Row], int]:
+        """Decode, reject what is bad, and keep only the newest row per node and kind;
+        also say how many documents were valid."""
         best: dict[tuple[str, str], Row] = {}
+        valid = 0
         reject = self.stats.rejections
         for _, msg, seen in batch:
             where = parse_topic(msg.topic, self.settings.prefix)
@@ -244,7 +247,7 @@ class Ingest:
             if isinstance(row, Rejected):
                 reject(row.kind, row.reason)
                 continue
-            self.stats.documents += 1
+            valid += 1
             slot = (row.node, kind_of(row))
             other = best.get(slot)
             if other is None or other.key < row.key:
@@ -253,7 +256,7 @@ class Ingest:
                 best[slot] = row
             elif other.key > row.key:
                 reject("older", f"node {row.node}: {slot[1]} {row.key} after {other.key}")
-        return list(best.values())
+        return list(best.values()), valid
 
     async def _write(self, rows: list[Row]) -> None:
         """Write until it works: nothing is acknowledged before it is stored."""

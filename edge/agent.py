@@ -26,7 +26,7 @@ from edge.inbox import Inbox
 from edge.localbus import LocalBus
 from edge.notify import Notifier
 from edge.outbox import Outbox
-from edge.profiles import UNKNOWN, Profile, facts_for, load_profiles, read_facts
+from edge.profiles import UNKNOWN, Profile, facts_of, resolve
 from edge.rates import RateMeter
 from edge.reconcile import Reconciler
 from edge.reported import Reporter
@@ -84,6 +84,7 @@ class Agent:
                                    sampler=self._sample)
         self.profile_name = settings.node.profile  # resolved when run() starts
         self._profile: Profile | None = None
+        self._machine = ""
         self.facts: dict[str, Any] = {}
         self._clock = clock
         self.reconciler = Reconciler(settings, self.supervisor, self.telemetry, self.outbox)
@@ -218,20 +219,20 @@ class Agent:
     async def _resolve_profile(self) -> None:
         """Find the firmware profile ("auto": detect the board) and read its facts once."""
         try:
-            name, facts = await asyncio.to_thread(facts_for, self.settings.node.profile)
-            self._profile = (await asyncio.to_thread(load_profiles)).get(name)
+            self._profile, self._machine = await asyncio.to_thread(
+                resolve, self.settings.node.profile)
         except EdgeError as exc:  # broken profile files: the agent runs on without them
             log.error("firmware profiles: %s; the profile is reported as unknown", exc)
-            name, facts = UNKNOWN, {}
-        self.profile_name, self.facts = name, facts
-        self.discovery.profile = name
-        log.info("firmware profile %s", name)
+            self._profile, self._machine = None, os.uname().machine
+        self.facts = await asyncio.to_thread(facts_of, self._profile, self._machine)
+        self.profile_name = UNKNOWN if self._profile is None else self._profile.name
+        self.discovery.profile = self.profile_name
+        log.info("firmware profile %s", self.profile_name)
 
     def _sample(self, data_dir: Path) -> dict[str, object]:
         """One telemetry sample (blocks: runs on the telemetry thread), with the board's facts."""
         metrics = read_metrics(data_dir)
-        if self._profile is not None:
-            metrics["facts"] = read_facts(self._profile)
+        metrics["facts"] = facts_of(self._profile, self._machine)
         return metrics
 
     # ---- ingress -------------------------------------------------------------

@@ -42,9 +42,11 @@ __all__ = [
     "decode_throttled",
     "detect",
     "facts_for",
+    "facts_of",
     "load_profiles",
     "profile_dirs",
     "read_facts",
+    "resolve",
     "select",
 ]
 
@@ -603,6 +605,32 @@ def detect(root: Path, machine: str, profiles: Mapping[str, Profile] | None = No
     return found
 
 
+def resolve(settings_profile: str, root: Path = Path("/"),
+            machine: str | None = None) -> tuple[Profile | None, str]:
+    """(the profile for `[node] profile`, the architecture); "auto" detects the board.
+
+    None: no profile knows this architecture. A broken profile file raises
+    ProfileError: that is the installation's fault.
+    """
+    machine = os.uname().machine if machine is None else machine
+    profiles = load_profiles()
+    if settings_profile == AUTO:
+        return select(profiles, root, machine), machine
+    profile = profiles.get(settings_profile)
+    if profile is None:
+        raise ProfileError(f"no firmware profile named {settings_profile!r}; known:"
+                           f" {', '.join(sorted(profiles))}")
+    return profile, machine
+
+
+def facts_of(profile: Profile | None, machine: str, root: Path = Path("/")) -> dict[str, Fact]:
+    """The facts of a resolved profile (blocks: reads files), `machine` first."""
+    facts = {"machine": _found(machine, "uname -m")}
+    if profile is not None:
+        facts.update(read_facts(profile, root))
+    return facts
+
+
 def facts_for(settings_profile: str, root: Path = Path("/"),
               machine: str | None = None) -> tuple[str, dict[str, Fact]]:
     """(profile name, facts) for `[node] profile` ("auto" detects); never raises for the board.
@@ -610,15 +638,5 @@ def facts_for(settings_profile: str, root: Path = Path("/"),
     An architecture no profile knows gives ("unknown", facts holding only `machine`).
     A broken profile file still raises ProfileError: that is the installation's fault.
     """
-    machine = os.uname().machine if machine is None else machine
-    profiles = load_profiles()
-    if settings_profile == AUTO:
-        profile = select(profiles, root, machine)
-    else:
-        profile = profiles.get(settings_profile)
-        if profile is None:
-            raise ProfileError(f"no firmware profile named {settings_profile!r}; known:"
-                               f" {', '.join(sorted(profiles))}")
-    if profile is None:
-        return UNKNOWN, {"machine": _found(machine, "uname -m")}
-    return profile.name, {"machine": _found(machine, "uname -m"), **read_facts(profile, root)}
+    profile, machine = resolve(settings_profile, root, machine)
+    return (UNKNOWN if profile is None else profile.name), facts_of(profile, machine, root)

@@ -26,7 +26,8 @@ from edge.inbox import Inbox
 from edge.localbus import LocalBus
 from edge.notify import Notifier
 from edge.outbox import Outbox
-from edge.profiles import UNKNOWN, Profile, facts_of, resolve
+from edge.policy import shown, with_policy
+from edge.profiles import UNKNOWN, Policy, Profile, facts_of, resolve
 from edge.rates import RateMeter
 from edge.reconcile import Reconciler
 from edge.reported import Reporter
@@ -48,6 +49,11 @@ class Agent:
     """One agent process: outbox, uplink, discovery, services, socket API and telemetry."""
 
     def __init__(self, settings: Settings, *, clock: Callable[[], float] = time.time) -> None:
+        # The profile first: its policy defaults fill what the config leaves out.
+        self._profile, self._machine = _find_profile(settings.node.profile)
+        settings, self.policy_taken = with_policy(
+            settings, Policy() if self._profile is None else self._profile.policy)
+        self.profile_name = UNKNOWN if self._profile is None else self._profile.name
         self.settings = settings
         self.node = settings.node.id
         self.boot = clock()
@@ -69,7 +75,7 @@ class Agent:
             on_down=self.downlink.receive,
         )
         self.discovery = Discovery(
-            settings.discovery, self.node, version=__version__, profile=settings.node.profile,
+            settings.discovery, self.node, version=__version__, profile=self.profile_name,
             uplink_state=lambda: self.uplink.snapshot().state, clock=clock,
         )
         try:
@@ -82,10 +88,7 @@ class Agent:
             raise ConfigError(f"config {settings.source}: {exc}") from exc
         self.telemetry = Telemetry(settings.telemetry.interval, data_dir, self._submit_telemetry,
                                    sampler=self._sample)
-        self.profile_name = settings.node.profile  # resolved when run() starts
-        self._profile: Profile | None = None
-        self._machine = ""
-        self.facts: dict[str, Any] = {}
+        self.facts: dict[str, Any] = {}  # read when run() starts
         self._clock = clock
         self.reconciler = Reconciler(settings, self.supervisor, self.telemetry, self.outbox)
         self.desired = DesiredState(data_dir / "desired.cbor", self.reconciler.apply,
@@ -122,7 +125,7 @@ class Agent:
         try:
             await self.outbox.open()
             await self.inbox.open()
-            await self._resolve_profile()
+            await self._read_facts()
             await self.desired.restore()  # the last accepted desired state: no network needed
             await self.api.start()
             loop = asyncio.get_running_loop()
@@ -216,18 +219,12 @@ class Agent:
                 self._lock.close()
             self._lock = None
 
-    async def _resolve_profile(self) -> None:
-        """Find the firmware profile ("auto": detect the board) and read its facts once."""
-        try:
-            self._profile, self._machine = await asyncio.to_thread(
-                resolve, self.settings.node.profile)
-        except EdgeError as exc:  # broken profile files: the agent runs on without them
-            log.error("firmware profiles: %s; the profile is reported as unknown", exc)
-            self._profile, self._machine = None, os.uname().machine
+    async def _read_facts(self) -> None:
+        """Read the board's facts once, off the loop, for the reported state."""
         self.facts = await asyncio.to_thread(facts_of, self._profile, self._machine)
-        self.profile_name = UNKNOWN if self._profile is None else self._profile.name
-        self.discovery.profile = self.profile_name
-        log.info("firmware profile %s", self.profile_name)
+        taken = ", ".join(f"{key} {shown(key, value)}" for key, value in self.policy_taken.items())
+        log.info("firmware profile %s%s", self.profile_name,
+                 f" (its defaults in use: {taken})" if taken else "")
 
     def _sample(self, data_dir: Path) -> dict[str, object]:
         """One telemetry sample (blocks: runs on the telemetry thread), with the board's facts."""
@@ -327,6 +324,7 @@ class Agent:
             "version": __version__,
             "boot": self.boot,
             "profile": self.profile_name,
+            "profile_policy": dict(self.policy_taken),
             "uplink": {
                 "state": up.state, "since": up.since, "url": up.url, "connects": up.connects,
                 "last_error": up.last_error, "inflight": up.inflight,
@@ -420,6 +418,15 @@ class Agent:
 async def _log_events(feed: AsyncIterator[str]) -> AsyncIterator[dict[str, Any]]:
     async for line in feed:
         yield {"event": "log", "line": line}
+
+
+def _find_profile(name: str) -> tuple[Profile | None, str]:
+    """(the firmware profile for `[node] profile`, the architecture); None: unknown."""
+    try:
+        return resolve(name)
+    except EdgeError as exc:  # broken profile files: the agent runs on without them
+        log.error("firmware profiles: %s; the profile is reported as unknown", exc)
+        return None, os.uname().machine
 
 
 def run_agent(settings: Settings) -> None:

@@ -20,6 +20,7 @@ from edge.config import DEFAULT_CONFIG, default_socket_path, load_settings
 from edge.errors import AgentNotRunning, ConfigError, EdgeError
 from edge.humane import age as _age
 from edge.humane import size as _size
+from edge.policy import shown
 
 __all__ = ["main"]
 
@@ -354,6 +355,11 @@ def _status_table(s: dict[str, Any]) -> str:
     if up.get("url"):
         uplink += f" ({up['url']}, {_count(up.get('connects', 0), 'connect')})"
     rows = [("node", s["node"]), ("uplink", uplink)]
+    if s.get("profile"):
+        taken = s.get("profile_policy") or {}
+        defaults = ", ".join(f"{key} {shown(key, value)}" for key, value in taken.items())
+        line = s["profile"] + (f" (its defaults: {defaults})" if defaults else "")
+        rows.append(("profile", line))
     if up.get("last_error") and up["state"] != "online":
         rows.append(("last error", up["last_error"]))
     if q.get("storage_error"):

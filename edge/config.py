@@ -528,6 +528,8 @@ def _build(values: Values, source: str) -> Settings:
         fleet=replace(FleetSettings(), **values.get("fleet", {})),
         services=values.get("services", {}),
         source=source,
+        given=frozenset(f"{section}.{key}" for section, table in values.items()
+                        if section != "services" for key in table),
     )
 
 

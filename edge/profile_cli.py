@@ -13,7 +13,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from edge.profiles import AUTO, facts_for
+from edge.policy import POLICY_KEYS, shown
+from edge.profiles import AUTO, UNKNOWN, Profile, facts_of, resolve
 
 __all__ = ["add_profile_parser"]
 
@@ -35,26 +36,43 @@ def add_profile_parser(sub: Any) -> None:
 
 
 def _profile(args: argparse.Namespace) -> int:
-    name = _configured(args.config)
-    profile, facts = facts_for(name, args.root, args.machine)
+    name, given, source = _configured(args.config)
+    profile, machine = resolve(name, args.root, args.machine)
+    facts = facts_of(profile, machine, args.root)
+    policy = _policy(profile, given, source)
+    shown_name = UNKNOWN if profile is None else profile.name
     if args.json:
-        print(json.dumps({"profile": profile, "facts": facts}, indent=2, sort_keys=True))
+        print(json.dumps({"profile": shown_name, "facts": facts, "policy": policy},
+                         indent=2, sort_keys=True))
     else:
-        print(_table(profile, name, facts))
+        print(_table(shown_name, name, facts, policy))
     sys.stdout.flush()
     return _EXIT_OK
 
 
-def _configured(path: Path | None) -> str:
-    """`[node] profile` of the config file; "auto" when there is none."""
+def _configured(path: Path | None) -> tuple[str, frozenset[str], str]:
+    """(`[node] profile`, the keys the config sets, its name); "auto" when there is none."""
     from edge.config import load_settings  # the agent's settings, only when a file is read
 
     if path is None and not _DEFAULT_CONFIG.exists():
-        return AUTO
-    return load_settings(path or _DEFAULT_CONFIG, must_exist=path is not None).node.profile
+        return AUTO, frozenset(), "<defaults>"
+    settings = load_settings(path or _DEFAULT_CONFIG, must_exist=path is not None)
+    return settings.node.profile, settings.given, settings.source
 
 
-def _table(profile: str, configured: str, facts: dict[str, dict[str, Any]]) -> str:
+def _policy(profile: Profile | None, given: frozenset[str], source: str) -> dict[str, Any]:
+    """Each policy default of the profile, and whether the config overrides it."""
+    policy: dict[str, Any] = {}
+    for name, key in POLICY_KEYS.items():
+        value = None if profile is None else getattr(profile.policy, name)
+        if value is not None:
+            policy[key] = {"value": value, "in_use": key not in given,
+                           "overridden_by": source if key in given else None}
+    return policy
+
+
+def _table(profile: str, configured: str, facts: dict[str, dict[str, Any]],
+           policy: dict[str, Any]) -> str:
     how = "detected" if configured == AUTO else "from [node] profile"
     rows = [("profile", f"{profile} ({how})")]
     for key, fact in facts.items():
@@ -62,6 +80,11 @@ def _table(profile: str, configured: str, facts: dict[str, dict[str, Any]]) -> s
             rows.append((key, f"- ({fact['reason']})"))
         else:
             rows.append((key, _show(key, fact["value"])))
+    for key, entry in policy.items():
+        text = shown(key, entry["value"])
+        if not entry["in_use"]:
+            text += f" (not in use: {entry['overridden_by']} sets it)"
+        rows.append((f"default {key}", text))
     width = max(len(key) for key, _ in rows)
     return os.linesep.join(f"{key:<{width}}  {text}" for key, text in rows)
 

@@ -104,7 +104,8 @@ class Reconciler:
 
     def __init__(self, settings: Settings, supervisor: Supervisor, telemetry: Telemetry,
                  outbox: Outbox) -> None:
-        self._own = settings  # the config file's values: what a key left out goes back to
+        # The config's values, with profile defaults: what a key left out goes back to.
+        self._own = settings
         self._supervisor = supervisor
         self._telemetry = telemetry
         self._outbox = outbox
@@ -133,7 +134,8 @@ class Reconciler:
             items[f"config.{key}"] = {"result": "applied", "reason": None}
         for key in self._config_set - given:
             items[f"config.{key}"] = {"result": "removed",
-                                      "reason": "back to the config file's value"}
+                                      "reason": "back to the config file's value"
+                                                " (or the firmware profile's default)"}
         self._config_set = given
         return items
 

@@ -121,3 +121,6 @@ class Settings:
     fleet: FleetSettings = field(default_factory=FleetSettings)
     services: Mapping[str, ServiceSpec] = field(default_factory=dict)  # by name, in file order
     source: str = "<defaults>"         # the file these came from, for messages
+    # "section.key" of every value the file or a flag set: the others may take a
+    # firmware profile's policy default (edge/policy.py).
+    given: frozenset[str] = field(default=frozenset(), compare=False)

@@ -248,7 +248,7 @@ def test_policy_defaults() -> None:
     policy = SHIPPED["raspberrypi-zero-2w"].policy
     assert policy.queue_max_bytes == 64 * 1024 * 1024
     assert policy.telemetry_interval == 120.0
-    assert policy.queue_commit_interval == 0.5
+    assert policy.queue_commit_interval == 0.05
     for profile in SHIPPED.values():
         assert profile.policy.queue_max_bytes and profile.policy.telemetry_interval
 

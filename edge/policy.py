@@ -1,0 +1,50 @@
+"""Lay a firmware profile's policy defaults under the settings the config leaves out.
+
+Precedence, highest first: a desired document from the registry (applied
+live, edge/reconcile.py), the config file and command-line flags, the
+profile's `[policy]`, the built-in defaults of edge/settings.py.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any
+
+from edge.humane import size
+from edge.profiles import Policy
+from edge.settings import Settings
+
+__all__ = ["POLICY_KEYS", "shown", "with_policy"]
+
+# A profile's [policy] key -> the settings key ("section.key") it is a default for.
+POLICY_KEYS = {
+    "queue_max_bytes": "queue.max_bytes",
+    "queue_commit_interval": "queue.commit_interval",
+    "telemetry_interval": "telemetry.interval",
+}
+
+
+def with_policy(settings: Settings, policy: Policy) -> tuple[Settings, dict[str, Any]]:
+    """(settings with the policy's values where the file and flags set none, those values).
+
+    The second item maps each settings key taken from the profile to its value.
+    """
+    taken: dict[str, Any] = {}
+    for name, key in POLICY_KEYS.items():
+        value = getattr(policy, name)
+        if value is not None and key not in settings.given:
+            taken[key] = value
+    sections: dict[str, dict[str, Any]] = {}
+    for key, value in taken.items():
+        section, field = key.split(".")
+        sections.setdefault(section, {})[field] = value
+    changed = {section: replace(getattr(settings, section), **fields)
+               for section, fields in sections.items()}
+    return replace(settings, **changed), taken
+
+
+def shown(key: str, value: float) -> str:
+    """A policy value as people write it in the config: `64.0MiB`, `0.2s`, `off`."""
+    if key.endswith("max_bytes"):
+        return size(int(value))
+    return "off" if key == "telemetry.interval" and value == 0 else f"{value:g}s"

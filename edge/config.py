@@ -132,7 +132,9 @@ def load_settings(
     _check_together(values, document, source)
     flags = (
         ("--uplink", "uplink", "url", uplink),
-        ("--data-dir", "node", "data_dir", None if data_dir is None else os.fspath(data_dir)),
+        # A flag's relative path is taken from where the command runs.
+        ("--data-dir", "node", "data_dir",
+         None if data_dir is None else os.path.abspath(data_dir) if data_dir else ""),
         ("--node-id", "node", "id", node_id),
     )
     for flag, section, key, value in flags:
@@ -200,7 +202,11 @@ def _boolean(value: Any) -> bool:
 def _path(value: Any) -> Path:
     if not isinstance(value, str) or not value or "\0" in value:
         raise ValueError(f"expected a path, got {_show(value)}")
-    return Path(value).expanduser()
+    path = Path(value).expanduser()
+    if not path.is_absolute():
+        # Relative to what? The agent's working directory is / under systemd.
+        raise ValueError(f"expected an absolute path (from /), got {_show(value)}")
+    return path
 
 
 def _socket_path(value: Any) -> Path:

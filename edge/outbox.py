@@ -752,7 +752,10 @@ class Outbox:
             )
         limit = min(self.settings.max_message_bytes, self.settings.max_bytes)
         if size > limit:
-            raise MessageTooLarge(f"message of {size} bytes exceeds the limit of {limit} bytes")
+            key = ("max_message_bytes" if limit == self.settings.max_message_bytes
+                   else "max_bytes, the whole queue's size")
+            raise MessageTooLarge(
+                f"message of {size} bytes exceeds the limit of {limit} bytes ([queue] {key})")
         if self.settings.on_full == "reject":
             if self._bytes + self._unsettled_bytes + size > self.settings.max_bytes:
                 raise QueueFull(

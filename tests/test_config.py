@@ -790,3 +790,18 @@ def test_cli_run_refuses_a_bad_file(tmp_path: Path) -> None:
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
     assert str(path) in lines[0] and "[queue] max_bytes" in lines[0]
+
+
+@pytest.mark.parametrize(("section", "key"), [("node", "data_dir"), ("api", "socket")])
+def test_a_relative_path_in_the_file_is_refused(tmp_path: Path, section: str, key: str) -> None:
+    path = write(tmp_path, f'[{section}]\n{key} = "data/here"\n')
+    with pytest.raises(ConfigError) as caught:
+        load_settings(path)
+    assert str(caught.value) == (
+        f'config {path}: [{section}] {key}: expected an absolute path (from /), got "data/here"')
+
+
+def test_a_relative_data_dir_flag_is_taken_from_the_working_directory(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert load_settings(None, data_dir="d").node.data_dir == tmp_path / "d"

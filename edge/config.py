@@ -56,7 +56,8 @@ Parser = Callable[[Any], Any]
 Values = dict[str, dict[str, Any]]
 
 _MQTT_PORT = 1883
-_NO_TLS = "TLS (mqtts://) is not supported in this version; use mqtt:// on a trusted network"
+_MQTTS_PORT = 8883
+_CONFIG_MAX_BYTES = 1024 * 1024  # a config file is read whole: bounded before parsing
 _PROFILE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 # Whitespace and C0/C1 controls: urlsplit keeps some (a trailing space becomes
 # part of the host name) and silently drops others (tab, newline).
@@ -73,11 +74,8 @@ _LINE_OVERHEAD = 64 * 1024
 
 
 def parse_mqtt_url(url: str) -> tuple[str, str, int]:
-    """Split "mqtt://host[:port]" into (scheme, host, port); "mqtts://" is refused."""
-    expected = f"expected mqtt://host[:port], got {_show(url)}"
-    if url.lower().startswith("mqtts://"):
-        # Refused rather than connected to in plaintext behind the user's back.
-        raise ValueError(f"expected mqtt://host[:port] ({_NO_TLS}), got {_show(url)}")
+    """Split "mqtt://host[:port]" or "mqtts://host[:port]" into (scheme, host, port)."""
+    expected = f"expected mqtt://host[:port] or mqtts://host[:port], got {_show(url)}"
     try:
         parts = urlsplit(url)
         port = parts.port
@@ -85,7 +83,7 @@ def parse_mqtt_url(url: str) -> tuple[str, str, int]:
         raise ValueError(expected) from None
     if (
         _URL_JUNK.search(url)
-        or parts.scheme != "mqtt"
+        or parts.scheme not in ("mqtt", "mqtts")
         or not parts.hostname
         or parts.netloc.endswith(":")  # "host:" with the port left out
         or parts.username is not None
@@ -95,7 +93,8 @@ def parse_mqtt_url(url: str) -> tuple[str, str, int]:
         or port == 0
     ):
         raise ValueError(expected)
-    return parts.scheme, parts.hostname, port or _MQTT_PORT
+    default_port = _MQTTS_PORT if parts.scheme == "mqtts" else _MQTT_PORT
+    return parts.scheme, parts.hostname, port or default_port
 
 
 def default_data_dir() -> Path:
@@ -129,7 +128,6 @@ def load_settings(
     """Return Settings from the file at `path` (None: defaults), overridden by the flags."""
     document, source = _read(path, must_exist)
     values = _parse_document(document, source)
-    _check_together(values, document, source)
     flags = (
         ("--uplink", "uplink", "url", uplink),
         # A flag's relative path is taken from where the command runs.
@@ -143,6 +141,7 @@ def load_settings(
                 values.setdefault(section, {})[key] = _SECTIONS[section][key](value)
             except ValueError as exc:
                 raise ConfigError(f"{flag}: {exc}") from exc
+    _check_together(values, document, source)
     settings = _build(values, source)
     _check_brokers(settings, source)
     return settings
@@ -209,6 +208,23 @@ def _path(value: Any) -> Path:
     return path
 
 
+def _optional_path(value: Any) -> Path | None:
+    return None if value == "" else _path(value)
+
+
+def _paths(value: Any) -> tuple[Path, ...]:
+    if not isinstance(value, list) or len(value) > 16:
+        raise ValueError(f"expected a list of at most 16 paths, got {_show(value)}")
+    return tuple(_path(item) for item in value)
+
+
+def _group(value: Any) -> str:
+    text = _text(value)
+    if text and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.-]{0,31}\$?|[0-9]{1,10}", text):
+        raise ValueError(f"expected a group name or number, got {_show(value)}")
+    return text
+
+
 def _socket_path(value: Any) -> Path:
     path = _path(value)
     length = len(os.fsencode(path))
@@ -246,6 +262,14 @@ def _mqtt_url(value: Any) -> str:
     url = _text(value)
     if url:  # "" means no broker
         parse_mqtt_url(url)
+    return url
+
+
+def _local_mqtt_url(value: Any) -> str:
+    url = _mqtt_url(value)
+    if url.lower().startswith("mqtts://"):
+        raise ValueError(f"expected mqtt://host[:port] (the device's own broker, over"
+                         f" loopback or the LAN; no TLS), got {_show(url)}")
     return url
 
 
@@ -381,6 +405,13 @@ _SECTIONS: dict[str, dict[str, Parser]] = {
         "session_expiry": _checked(parse_duration, "a duration up to 4294967295s",
                                    lambda seconds: seconds <= 0xFFFFFFFF),
         "refused_limit": integer_in(1, 1000),
+        "ca_file": _optional_path,
+        "cert_file": _optional_path,
+        "key_file": _optional_path,
+        "tls_verify": _boolean,
+        "username": _checked(_text, "a user name of at most 256 characters",
+                             lambda name: len(name) <= 256 and "\0" not in name),
+        "password_file": _optional_path,
     },
     "queue": {
         "max_bytes": _checked(parse_size, 'a size above 0 like "256MiB"', _positive),
@@ -395,7 +426,7 @@ _SECTIONS: dict[str, dict[str, Parser]] = {
         "retry_max": _checked(parse_duration, "a duration above 0s", _positive),
     },
     "local": {
-        "url": _mqtt_url,
+        "url": _local_mqtt_url,
         "forward": _topic_filters,
         "protocol": _choice("5", "3.1.1"),
         "client_id": _client_id,
@@ -413,6 +444,7 @@ _SECTIONS: dict[str, dict[str, Parser]] = {
     },
     "api": {
         "socket": _socket_path,
+        "group": _group,
         "max_line_bytes": _checked(parse_size, 'a size of at least 4KiB like "2MiB"',
                                    lambda size: size >= _MIN_LINE_BYTES),
     },
@@ -424,6 +456,7 @@ _SECTIONS: dict[str, dict[str, Parser]] = {
     "state": {
         "debounce": _checked(parse_duration, "a duration from 0.1s to 1h",
                              lambda seconds: 0.1 <= seconds <= 3600),
+        "desired_keys": _paths,
     },
     "fleet": {
         "registry": _http_url,
@@ -456,7 +489,11 @@ def _read(path: Path | None, must_exist: bool) -> tuple[dict[str, Any], str]:
         return {}, "<defaults>"
     try:
         with path.open("rb") as file:
-            return tomllib.load(file), str(path)
+            data = file.read(_CONFIG_MAX_BYTES + 1)
+        if len(data) > _CONFIG_MAX_BYTES:
+            raise ConfigError(f"config {path}: larger than {_CONFIG_MAX_BYTES // 1024} KiB;"
+                              " not a config file?")
+        return tomllib.loads(data.decode()), str(path)
     except FileNotFoundError:
         if path == DEFAULT_CONFIG and not must_exist:
             return {}, "<defaults>"
@@ -496,6 +533,16 @@ def _parse_document(document: dict[str, Any], source: str) -> Values:
 
 def _check_together(values: Values, document: dict[str, Any], source: str) -> None:
     """Refuse keys that are valid alone but not together."""
+    uplink = values.get("uplink", {})
+    tls_keys = [key for key in ("ca_file", "cert_file", "key_file", "tls_verify") if key in uplink]
+    if tls_keys and not str(uplink.get("url", "")).lower().startswith("mqtts://"):
+        raise ConfigError(f"config {source}: [uplink] {tls_keys[0]}: TLS settings need an"
+                          f" mqtts:// url, got {_show(uplink.get('url', ''))}")
+    if "key_file" in uplink and uplink["key_file"] and not uplink.get("cert_file"):
+        raise ConfigError(f"config {source}: [uplink] key_file: needs cert_file (the"
+                          " certificate this key belongs to)")
+    if uplink.get("password_file") and not uplink.get("username"):
+        raise ConfigError(f"config {source}: [uplink] password_file: needs username")
     for section, first, cap, defaults in (
         ("uplink", "backoff_initial", "backoff_max", UplinkSettings()),
         ("queue", "retry_initial", "retry_max", QueueSettings()),

@@ -45,6 +45,13 @@ class UplinkSettings:
     connect_timeout: float = 10.0      # seconds
     session_expiry: float = 7 * 86400  # seconds the broker keeps our session
     refused_limit: int = 3             # broker drops on one message before it is dead-lettered
+    # TLS (mqtts:// only). Files are read again at every connection attempt.
+    ca_file: Path | None = None        # None: the system's CA store
+    cert_file: Path | None = None      # this device's certificate (mutual TLS)
+    key_file: Path | None = None       # its private key (None: inside cert_file)
+    tls_verify: bool = True            # false: no check of the broker's certificate at all
+    username: str = ""                 # "" = none
+    password_file: Path | None = None  # the password is the file's first line
 
 
 @dataclass(frozen=True)
@@ -77,6 +84,7 @@ class LocalSettings:
 @dataclass(frozen=True)
 class ApiSettings:
     socket: Path = Path("/run/edge/agent.sock")
+    group: str = ""                    # the socket's group ("": the agent's own); mode 0660
     # max_message_bytes * 4 // 3 + 64 KiB: a 1 MiB binary payload in base64, plus JSON.
     max_line_bytes: int = 1_463_637
 
@@ -101,6 +109,9 @@ class DiscoverySettings:
 @dataclass(frozen=True)
 class StateSettings:
     debounce: float = 2.0              # seconds: changes within it make one reported document
+    # Ed25519 public keys of the registry: when any is set, a desired document must be
+    # signed by one of them.
+    desired_keys: tuple[Path, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -140,7 +140,10 @@ class Uplink:
         if not self.settings.url:
             log.info("no [uplink] url: messages are kept in the outbox")
             await asyncio.Event().wait()
-        _, host, port = parse_mqtt_url(self.settings.url)
+        scheme, host, port = parse_mqtt_url(self.settings.url)
+        if scheme == "mqtts":  # never plaintext to a TLS broker
+            self._note_error("mqtts:// is not implemented yet; messages are kept in the outbox")
+            await asyncio.Event().wait()
         await reconnect_forever(
             partial(self._session, host, port),
             Backoff(self.settings.backoff_initial, self.settings.backoff_max),

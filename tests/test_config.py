@@ -40,7 +40,7 @@ data_dir = "/srv/edge"
 labels = { site = "greenhouse-3", "row.no" = "7" }
 
 [uplink]
-url = "mqtt://broker.example.com:8884"
+url = "mqtts://broker.example.com:8884"
 prefix = "acme/edge/v2"
 keepalive = "45s"
 inflight = 200
@@ -51,6 +51,12 @@ backoff_max = "5m"
 connect_timeout = 3
 session_expiry = "1d"
 refused_limit = 5
+ca_file = "/etc/edge/ca.pem"
+cert_file = "/etc/edge/device.pem"
+key_file = "/etc/edge/device.key"
+tls_verify = true
+username = "pi-kitchen_01"
+password_file = "/etc/edge/password"
 
 [queue]
 max_bytes = "10MB"
@@ -77,6 +83,7 @@ inbox_max_bytes = "1MiB"
 
 [api]
 socket = "/tmp/edge-test/agent.sock"
+group = "edge-users"
 max_line_bytes = 8192
 
 [telemetry]
@@ -93,6 +100,7 @@ scan_interval = "5s"
 
 [state]
 debounce = "500ms"
+desired_keys = ["/etc/edge/registry-2026.pub", "/etc/edge/registry-2027.pub"]
 
 [fleet]
 registry = "https://registry.example.com:8443/"
@@ -102,7 +110,7 @@ FULL_SETTINGS = Settings(
     node=NodeSettings(id="pi-kitchen_01", profile="raspberrypi-4", data_dir=Path("/srv/edge"),
                       labels={"site": "greenhouse-3", "row.no": "7"}),
     uplink=UplinkSettings(
-        url="mqtt://broker.example.com:8884",
+        url="mqtts://broker.example.com:8884",
         prefix="acme/edge/v2",
         keepalive=45.0,
         inflight=200,
@@ -113,6 +121,12 @@ FULL_SETTINGS = Settings(
         connect_timeout=3.0,
         session_expiry=86400.0,
         refused_limit=5,
+        ca_file=Path("/etc/edge/ca.pem"),
+        cert_file=Path("/etc/edge/device.pem"),
+        key_file=Path("/etc/edge/device.key"),
+        tls_verify=True,
+        username="pi-kitchen_01",
+        password_file=Path("/etc/edge/password"),
     ),
     queue=QueueSettings(
         max_bytes=10_000_000,
@@ -129,13 +143,15 @@ FULL_SETTINGS = Settings(
         client_id="bus-7", keepalive=10.0, session_expiry=7200.0, inflight=20,
         backoff_initial=1.0, backoff_max=5.0, connect_timeout=3.0, inbox_max_bytes=1024 * 1024,
     ),
-    api=ApiSettings(socket=Path("/tmp/edge-test/agent.sock"), max_line_bytes=8192),
+    api=ApiSettings(socket=Path("/tmp/edge-test/agent.sock"), group="edge-users",
+                    max_line_bytes=8192),
     telemetry=TelemetrySettings(interval=0.0),
     discovery=DiscoverySettings(
         enabled=False, interfaces=("eth*", "wlan0"), exclude=("eth9",), peer_timeout=12.0,
         forget_after=7200.0, port=8080, scan_interval=5.0,
     ),
-    state=StateSettings(debounce=0.5),
+    state=StateSettings(debounce=0.5, desired_keys=(Path("/etc/edge/registry-2026.pub"),
+                                                    Path("/etc/edge/registry-2027.pub"))),
     fleet=FleetSettings(registry="https://registry.example.com:8443"),
 )
 
@@ -456,13 +472,13 @@ def test_url_with_whitespace_or_an_empty_host_or_port_is_refused(
 ) -> None:
     path = write(tmp_path, f'[{section}]\nurl = "{url}"\n')
     message = config_error(path)
-    assert message.startswith(f"config {path}: [{section}] url: expected mqtt://host[:port], got ")
+    assert message.startswith(
+        f"config {path}: [{section}] url: expected mqtt://host[:port] or mqtts://host[:port], got ")
 
 
-def test_tls_flag_is_refused_like_the_file(tmp_path: Path) -> None:
-    assert config_error(write(tmp_path, ""), uplink="mqtts://broker").startswith(
-        "--uplink: expected mqtt://host[:port] (TLS (mqtts://) is not supported in this version"
-    )
+def test_a_tls_flag_is_accepted_like_the_file(tmp_path: Path) -> None:
+    settings = load_settings(write(tmp_path, ""), uplink="mqtts://broker")
+    assert settings.uplink.url == "mqtts://broker" and settings.uplink.tls_verify
 
 
 @pytest.mark.parametrize("interval", ["1ms", "500ms", 0.999])
@@ -573,9 +589,9 @@ def test_commit_interval_of_a_second_is_accepted(tmp_path: Path) -> None:
 def test_flags_override_the_file(tmp_path: Path) -> None:
     path = write(tmp_path, FULL)
     settings = load_settings(
-        path, uplink="mqtt://other:1884", data_dir=tmp_path / "data", node_id="flag-id"
+        path, uplink="mqtts://other:1884", data_dir=tmp_path / "data", node_id="flag-id"
     )
-    assert settings.uplink.url == "mqtt://other:1884"
+    assert settings.uplink.url == "mqtts://other:1884"
     assert settings.node.data_dir == tmp_path / "data"
     assert settings.node.id == "flag-id"
     assert settings.uplink.prefix == "acme/edge/v2"  # the rest still from the file
@@ -743,13 +759,9 @@ def test_parse_mqtt_url_rejects(url: str) -> None:
 
 
 @pytest.mark.parametrize("url", ["mqtts://broker", "mqtts://broker:8883", "MQTTS://broker"])
-def test_tls_url_is_refused_rather_than_sent_in_plaintext(tmp_path: Path, url: str) -> None:
+def test_tls_url_is_accepted(tmp_path: Path, url: str) -> None:
     path = write(tmp_path, f'[uplink]\nurl = "{url}"\n')
-    assert config_error(path) == (
-        f"config {path}: [uplink] url: expected mqtt://host[:port] (TLS (mqtts://) is not"
-        " supported in this version; use mqtt:// on a trusted network), got "
-        f'"{url}"'
-    )
+    assert load_settings(path).uplink.url == url
 
 
 # -- the CLI -----------------------------------------------------------------
@@ -805,3 +817,37 @@ def test_a_relative_data_dir_flag_is_taken_from_the_working_directory(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     assert load_settings(None, data_dir="d").node.data_dir == tmp_path / "d"
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ('[uplink]\nurl = "mqtt://b"\nca_file = "/ca.pem"\n',
+     '[uplink] ca_file: TLS settings need an mqtts:// url, got "mqtt://b"'),
+    ('[uplink]\nurl = "mqtts://b"\nkey_file = "/k.pem"\n',
+     "[uplink] key_file: needs cert_file"),
+    ('[uplink]\nurl = "mqtts://b"\npassword_file = "/p"\n',
+     "[uplink] password_file: needs username"),
+    ('[local]\nurl = "mqtts://127.0.0.1"\n',
+     "[local] url: expected mqtt://host[:port] (the device"),
+    ('[api]\ngroup = "no group"\n', '[api] group: expected a group name or number, got "no group"'),
+    ('[state]\ndesired_keys = "/k.pub"\n', "[state] desired_keys: expected a list of at most 16"),
+])
+def test_tls_and_key_settings_are_checked(tmp_path: Path, text: str, message: str) -> None:
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as caught:
+        load_settings(path)
+    assert str(caught.value).startswith(f"config {path}: {message}")
+
+
+def test_mqtts_url_defaults_to_port_8883(tmp_path: Path) -> None:
+    from edge.config import parse_mqtt_url
+
+    assert parse_mqtt_url("mqtts://broker.example") == ("mqtts", "broker.example", 8883)
+    assert parse_mqtt_url("mqtt://broker.example") == ("mqtt", "broker.example", 1883)
+
+
+def test_a_huge_config_file_is_refused_before_parsing(tmp_path: Path) -> None:
+    path = tmp_path / "agent.toml"
+    path.write_bytes(b"# " + b"x" * (1024 * 1024) + b"\n")
+    with pytest.raises(ConfigError) as caught:
+        load_settings(path)
+    assert str(caught.value) == f"config {path}: larger than 1024 KiB; not a config file?"

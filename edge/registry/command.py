@@ -6,6 +6,7 @@ import argparse
 import os
 import socket
 import sys
+from pathlib import Path
 from typing import Any
 
 __all__ = ["add_registry_parser"]
@@ -49,6 +50,20 @@ def add_registry_parser(sub: Any) -> None:
     serve.add_argument("--catchup-max", default="60s", metavar="DURATION",
                        help="... and after this long in any case; raise it past about"
                             " 150,000 nodes (default 60s)")
+    serve.add_argument("--ca-file", type=Path, metavar="FILE",
+                       help="mqtts:// broker: the CA certificates to check it against"
+                            " (default: the system's)")
+    serve.add_argument("--cert-file", type=Path, metavar="FILE",
+                       help="mqtts:// broker: the registry's own certificate (mutual TLS)")
+    serve.add_argument("--key-file", type=Path, metavar="FILE",
+                       help="its private key (default: inside --cert-file)")
+    serve.add_argument("--username", default="", metavar="NAME",
+                       help="MQTT user name (default none)")
+    serve.add_argument("--password-file", type=Path, metavar="FILE",
+                       help="MQTT password: the first line of FILE (never on the command line)")
+    serve.add_argument("--signing-key", type=Path, metavar="FILE",
+                       help="Ed25519 private key (PEM) that signs every desired document;"
+                            " agents with [state] desired_keys accept only signed ones")
     serve.add_argument("--log-level", type=str.upper, choices=_LOG_LEVELS, metavar="LEVEL",
                        help="DEBUG, INFO, WARNING or ERROR (default INFO, or $EDGE_LOG_LEVEL)")
     serve.set_defaults(handler=_serve)
@@ -96,7 +111,18 @@ def _settings(args: argparse.Namespace) -> Any:
             raise ValueError(f"expected a duration above 0 like 30s, got {text!r}")
         return value
 
-    _, broker_host, broker_port = flag("--broker", parse_mqtt_url, args.broker)
+    scheme, broker_host, broker_port = flag("--broker", parse_mqtt_url, args.broker)
+    tls_flags = [name for name, value in (("--ca-file", args.ca_file),
+                                          ("--cert-file", args.cert_file),
+                                          ("--key-file", args.key_file)) if value]
+    if tls_flags and scheme != "mqtts":
+        raise ValueError(f"{tls_flags[0]}: needs an mqtts:// --broker, got {args.broker!r}")
+    if args.key_file and not args.cert_file:
+        raise ValueError("--key-file: needs --cert-file (the certificate this key belongs to)")
+    if args.password_file and not args.username:
+        raise ValueError("--password-file: needs --username")
+    if scheme == "mqtts":  # never plaintext to a TLS broker
+        raise ValueError("--broker: mqtts:// is not implemented yet")
     db_url = flag("--db", check_db_url, args.db or default_db_url())
     http_host, http_port = flag("--http", parse_http, args.http)
     prefix = flag("--prefix", check_prefix, args.prefix)
@@ -119,6 +145,9 @@ def _settings(args: argparse.Namespace) -> Any:
         health=policy, reconnect_max=max(reconnect_max, 0.2),
         catchup_idle=flag("--catchup-idle", duration, args.catchup_idle),
         catchup_max=flag("--catchup-max", duration, args.catchup_max),
+        broker_tls=scheme == "mqtts", ca_file=args.ca_file, cert_file=args.cert_file,
+        key_file=args.key_file, username=args.username, password_file=args.password_file,
+        signing_key=args.signing_key,
     )
 
 

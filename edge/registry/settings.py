@@ -86,6 +86,13 @@ class RegistrySettings:
     receive_maximum: int = 4000     # unacknowledged QoS 1 messages the broker may send us
     publish_timeout: float = 5.0    # waiting for the PUBACK of a desired document
     max_body: int = 256 * 1024      # HTTP request bodies
+    broker_tls: bool = False        # mqtts://: files below are read at every connection
+    ca_file: Path | None = None     # None: the system's CA store
+    cert_file: Path | None = None   # the registry's certificate (mutual TLS)
+    key_file: Path | None = None    # its key (None: inside cert_file)
+    username: str = ""
+    password_file: Path | None = None
+    signing_key: Path | None = None  # Ed25519 private key (PEM) signing desired documents
 
     def __post_init__(self) -> None:
         check_prefix(self.prefix)

@@ -102,6 +102,7 @@ class Agent:
         self.uplink.on_online = self.reporter.online
         self.api = ApiServer(
             settings.api.socket,
+            group=settings.api.group,
             max_line=settings.api.max_line_bytes,
             submit=self._submit,
             handlers={

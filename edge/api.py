@@ -11,6 +11,7 @@ import asyncio
 import base64
 import binascii
 import contextlib
+import grp
 import json
 import logging
 import os
@@ -143,8 +144,10 @@ class ApiServer:
         submit: Submit,
         handlers: dict[str, Handler],
         max_connections: int = 256,
+        group: str = "",
     ) -> None:
         self.path = path
+        self.group = group  # the socket's group ("": the agent's own)
         self.max_line = max_line
         self._submit = submit
         self._handlers = handlers
@@ -157,8 +160,9 @@ class ApiServer:
         self._closing = False
 
     async def start(self) -> None:
-        """Bind the socket (mode 0660); a stale socket file is replaced."""
+        """Bind the socket (mode 0660, group [api] group); a stale socket file is replaced."""
         _check_socket_dir(self.path.parent)
+        gid = _group_id(self.group)
         if self.path.exists() or self.path.is_symlink():
             if await _answers(self.path):
                 raise EdgeError(f"another agent is already serving {self.path}")
@@ -171,6 +175,13 @@ class ApiServer:
         finally:
             os.umask(old)
         os.chmod(self.path, 0o660)
+        if gid is not None:
+            try:
+                os.chown(self.path, -1, gid)
+            except OSError as exc:  # not a member of that group, and not root
+                self.path.unlink(missing_ok=True)
+                raise EdgeError(f"[api] group {self.group!r}: cannot give the socket"
+                                f" {self.path} to it: {exc.strerror}") from exc
 
     async def close(self) -> None:
         """Stop accepting, end every open connection, remove the socket file. Idempotent."""
@@ -404,6 +415,18 @@ async def _discard_line(reader: asyncio.StreamReader, chunk: int) -> None:
             await reader.readexactly(exc.consumed)
         except asyncio.IncompleteReadError:
             return
+
+
+def _group_id(group: str) -> int | None:
+    """The gid of `group` (a name or a number); None for ""."""
+    if not group:
+        return None
+    if group.isdigit():
+        return int(group)
+    try:
+        return grp.getgrnam(group).gr_gid
+    except KeyError:
+        raise EdgeError(f"[api] group: no such group {group!r}") from None
 
 
 def _check_socket_dir(directory: Path) -> None:

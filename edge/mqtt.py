@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -26,6 +27,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from edge.errors import UplinkError
+from edge.tls import Login, TlsFiles, client_context, explain
 
 __all__ = [
     "Closed",
@@ -58,6 +60,7 @@ class Closed:
 
 
 _TAKEN_OVER = 0x8E
+_NOT_AUTHORISED = {0x86, 0x87}  # bad user name or password; not authorized
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,10 +115,17 @@ class _BufferedClient(paho.Client):
         self._rpos = 0
         self._wbuf = bytearray()
         self._corked = False
+        self.tls_failure: ssl.SSLError | None = None  # why TLS ended the link, if it did
 
     def _sock_recv(self, bufsize: int) -> bytes:
         if self._rpos >= len(self._rbuf):
-            data = super()._sock_recv(self._READ)  # BlockingIOError when there is none
+            try:
+                data = super()._sock_recv(self._READ)  # BlockingIOError when there is none
+            except ssl.SSLError as exc:
+                # TLS 1.3: the broker refuses our certificate with an alert after the
+                # handshake; paho would only say "connection lost".
+                self.tls_failure = exc
+                raise
             if not data:
                 return data  # end of stream
             pending = getattr(self._sock, "pending", None)  # TLS: decrypted, not yet read
@@ -125,6 +135,21 @@ class _BufferedClient(paho.Client):
         start = self._rpos
         self._rpos = min(start + bufsize, len(self._rbuf))
         return self._rbuf[start:self._rpos]
+
+    def _ssl_wrap_socket(self, tcp_sock: socket.socket) -> ssl.SSLSocket:
+        # paho's own wrap leaves the socket to the garbage collector when the handshake
+        # fails. The host name is checked by the context (check_hostname), against the
+        # url's host, which also goes out as SNI. Runs in connect()'s worker thread.
+        assert self._ssl_context is not None
+        sock = self._ssl_context.wrap_socket(
+            tcp_sock, server_hostname=self._host, do_handshake_on_connect=False)
+        try:
+            sock.settimeout(self._connect_timeout)
+            sock.do_handshake()
+        except BaseException:
+            sock.close()
+            raise
+        return sock
 
     def buffered(self) -> bool:
         """Whether bytes read from the socket still wait for paho."""
@@ -190,6 +215,8 @@ class MqttConnection:
         clean: bool = False,
         receive_maximum: int | None = None,
         on_message: Callable[[Inbound], None] | None = None,
+        tls: TlsFiles | None = None,
+        login: Login | None = None,
     ) -> None:
         self.host = host
         self.port = port
@@ -198,6 +225,8 @@ class MqttConnection:
         self.session_expiry = session_expiry
         self.clean = clean
         self.receive_maximum = receive_maximum
+        self.tls = tls  # mqtts://: the files are read at connect()
+        self.login = login
         self._loop = asyncio.get_running_loop()
         self._loop_thread = threading.get_ident()
         self._client = _BufferedClient(
@@ -321,7 +350,7 @@ class MqttConnection:
         if self._connack.done():
             return
         if rc.is_failure:
-            self._connack.set_exception(UplinkError(f"broker refused the connection: {rc}"))
+            self._connack.set_exception(UplinkError(self._refusal(rc)))
             return
         max_size = getattr(props, "MaximumPacketSize", None) if props is not None else None
         receive_max = getattr(props, "ReceiveMaximum", None) if props is not None else None
@@ -346,8 +375,12 @@ class MqttConnection:
         else:
             reason = f"connection lost: {rc}"
         by_peer = not self._aborting and "keep alive" not in str(rc).lower()
+        failure = self._client.tls_failure
+        before = "before CONNACK: "
+        if failure is not None and self.tls is not None:
+            reason, before = explain(failure, self.tls, self.host, self.port), ""
         if not self._connack.done():
-            self._connack.set_exception(UplinkError(f"before CONNACK: {reason}"))
+            self._connack.set_exception(UplinkError(f"{before}{reason}"))
         if not self._closed.done():
             self._closed.set_result(Closed(reason, by_peer, code))
         if self._misc is not None:
@@ -384,10 +417,31 @@ class MqttConnection:
         else:
             self._deliver(inbound)
 
+    def _refusal(self, rc: ReasonCode) -> str:
+        message = f"broker refused the connection: {rc}"
+        if int(rc.value) in _NOT_AUTHORISED:
+            if self.login is not None:
+                who = self.login.describe()
+            elif self.tls is not None and self.tls.cert_file is not None:
+                who = f"identity from {self.tls.names[1]} {self.tls.cert_file}"
+            else:
+                who = "no user name or certificate (does the broker allow anonymous clients?)"
+            message = (f"broker refused the connection: not authorised ({rc},"
+                       f" 0x{int(rc.value):02x}); {who}")
+        return message
+
+    def _open(self, **connect_args: Any) -> None:
+        """Read the TLS files and the password, then connect (blocking: in a thread)."""
+        if self.tls is not None:
+            self._client.tls_set_context(client_context(self.tls))
+        if self.login is not None:
+            self._client.username_pw_set(*self.login.read())
+        self._client.connect(self.host, self.port, **connect_args)
+
     # ---- the awaitable surface ---------------------------------------------
 
     async def connect(self, timeout: float) -> Connack:
-        """Open the TCP connection and wait for the CONNACK."""
+        """Open the TCP connection (and TLS), and wait for the CONNACK."""
         extra: dict[str, Any] = {}
         if self.v5:
             props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
@@ -397,15 +451,23 @@ class MqttConnection:
             extra = {"clean_start": self.clean, "properties": props}
         try:
             async with asyncio.timeout(timeout):
-                # paho connects with a blocking socket call (DNS, TCP): keep it off the loop.
+                # paho connects with blocking calls (DNS, TCP, the TLS handshake), and
+                # the TLS files are read then: keep it all off the loop.
                 await asyncio.to_thread(
-                    self._client.connect, self.host, self.port,
-                    keepalive=max(1, round(self.keepalive)), **extra,
+                    self._open, keepalive=max(1, round(self.keepalive)), **extra,
                 )
                 return await asyncio.shield(self._connack)
+        except ssl.SSLError as exc:
+            self.abort()
+            assert self.tls is not None  # no TLS is spoken without it
+            raise UplinkError(explain(exc, self.tls, self.host, self.port)) from exc
         except (OSError, TimeoutError) as exc:
             self.abort()
             why = str(exc) or "timed out"
+            if self.tls is not None and isinstance(exc, ConnectionResetError):
+                # A plain MQTT listener reads the TLS hello as garbage and drops it.
+                why += ("; is it a TLS listener? (mqtts:// needs one; plain MQTT is usually"
+                        " port 1883)")
             raise UplinkError(f"cannot connect to {self.host}:{self.port}: {why}") from exc
         except (UplinkError, asyncio.CancelledError):
             self.abort()  # no half-open socket left behind

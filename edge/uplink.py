@@ -25,6 +25,7 @@ from edge.errors import UplinkError
 from edge.mqtt import Closed, Inbound, MqttConnection, PublishResult, publish_packet_size
 from edge.outbox import Outbox, OutRow, QueueStats
 from edge.settings import UplinkSettings
+from edge.tls import Login, TlsFiles
 
 __all__ = ["Uplink", "UplinkState"]
 
@@ -141,11 +142,16 @@ class Uplink:
             log.info("no [uplink] url: messages are kept in the outbox")
             await asyncio.Event().wait()
         scheme, host, port = parse_mqtt_url(self.settings.url)
-        if scheme == "mqtts":  # never plaintext to a TLS broker
-            self._note_error("mqtts:// is not implemented yet; messages are kept in the outbox")
-            await asyncio.Event().wait()
+        s = self.settings
+        tls = None
+        if scheme == "mqtts":
+            tls = TlsFiles(s.ca_file, s.cert_file, s.key_file, s.tls_verify)
+            if not s.tls_verify:
+                log.warning("uplink %s: tls_verify = false: the broker's certificate is not"
+                            " checked, anyone on the path can pose as the broker", s.url)
+        login = Login(s.username, s.password_file) if s.username else None
         await reconnect_forever(
-            partial(self._session, host, port),
+            partial(self._session, host, port, tls, login),
             Backoff(self.settings.backoff_initial, self.settings.backoff_max),
             failed=self._session_failed, ended=self._session_ended,
             stopping=lambda: self._stopping, stable_after=max(self.settings.keepalive, 10.0),
@@ -168,7 +174,9 @@ class Uplink:
             log.warning("uplink %s: %s", self.settings.url, message)
         self._last_error = message
 
-    async def _session(self, host: str, port: int) -> None:
+    async def _session(
+        self, host: str, port: int, tls: TlsFiles | None, login: Login | None
+    ) -> None:
         v5 = self.settings.protocol == "5"
         conn: MqttConnection
 
@@ -182,7 +190,7 @@ class Uplink:
             will=(f"{self.base}/status", self._status_payload("offline", self._connects + 1)),
             max_inflight=self.settings.inflight + 4,
             connect_timeout=self.settings.connect_timeout,
-            on_message=down,
+            on_message=down, tls=tls, login=login,
         )
         connack = await conn.connect(self.settings.connect_timeout)
         self._conn = conn
@@ -213,6 +221,9 @@ class Uplink:
             closed = await asyncio.shield(conn.closed)  # a cancel must not mark it closed
             for task in (pump, beat, dog, sub):
                 task.cancel()
+        refused = self._status_refused(status)
+        if refused is not None:  # the broker then closes the link: not a clone, not a row
+            raise UplinkError(refused)
         # A close right after sending is first the message's to answer for (MQTT 3.1.1).
         just_sent = any(time.monotonic() - t < _STRIKE_WINDOW for t in self._sent_at.values())
         if self._closed_early(closed, online_at, count=not just_sent):
@@ -221,6 +232,15 @@ class Uplink:
             raise UplinkError(self._clone)
         self._judge_oldest_held(closed)
         raise UplinkError(closed.reason)
+
+    def _status_refused(self, status: asyncio.Future[PublishResult]) -> str | None:
+        """Why the broker refused this connection's status (MQTT 5), if it did."""
+        if not status.done() or status.cancelled() or status.result().ok:
+            return None
+        return (f"the broker refused this node's status on {self.base}/status"
+                f" ({status.result().reason}): its ACL does not let this client publish under"
+                f" {self.base}/; is the node id {self.node!r} the user name the broker knows"
+                " this device by (the CN of its certificate)?")
 
     def _closed_early(self, closed: Closed, online_at: float, *, count: bool = True) -> bool:
         """Tell whether connections keep being closed by the broker right after CONNACK.
@@ -326,9 +346,12 @@ class Uplink:
         # link from a refused message (see _judge_oldest_held).
         try:
             async with asyncio.timeout(self.settings.connect_timeout):
-                await status
+                accepted = await status
         except TimeoutError:
             conn.abort(f"no PUBACK for the status within {self.settings.connect_timeout:.0f}s")
+            return
+        if not accepted.ok:  # not allowed here (the ACL): nor are the rows (_status_refused)
+            conn.abort(f"the broker refused the status: {accepted.reason}")
             return
         while True:
             window = self.settings.inflight

@@ -121,8 +121,6 @@ def _settings(args: argparse.Namespace) -> Any:
         raise ValueError("--key-file: needs --cert-file (the certificate this key belongs to)")
     if args.password_file and not args.username:
         raise ValueError("--password-file: needs --username")
-    if scheme == "mqtts":  # never plaintext to a TLS broker
-        raise ValueError("--broker: mqtts:// is not implemented yet")
     db_url = flag("--db", check_db_url, args.db or default_db_url())
     http_host, http_port = flag("--http", parse_http, args.http)
     prefix = flag("--prefix", check_prefix, args.prefix)

@@ -26,6 +26,7 @@ from edge.registry.records import KINDS, Rejected, ReportedRow, Row, parse_topic
 from edge.registry.settings import RegistrySettings
 from edge.registry.store import Store, kind_of
 from edge.rejections import Rejections
+from edge.tls import Login, TlsFiles
 
 __all__ = ["Ingest", "IngestStats"]
 
@@ -148,6 +149,10 @@ class Ingest:
             host=s.broker_host, port=s.broker_port, client_id=client_id, keepalive=s.keepalive,
             v5=True, clean=True, connect_timeout=s.connect_timeout,
             receive_maximum=s.receive_maximum, max_inflight=100, on_message=source.deliver,
+            tls=TlsFiles(s.ca_file, s.cert_file, s.key_file,
+                         names=("--ca-file", "--cert-file", "--key-file"))
+            if s.broker_tls else None,
+            login=Login(s.username, s.password_file, "--password-file") if s.username else None,
         )
         source.conn = conn
         return conn

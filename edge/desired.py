@@ -7,6 +7,13 @@ reason kept for the reported state, and nothing runs differently. An accepted
 one is written to `desired.cbor` (atomically, synced) before its PUBACK and
 before anything changes; then the apply callback reconciles services and
 config. At boot the agent applies `desired.cbor` again, with no network.
+
+With public keys (`[state] desired_keys`), a document must come in a signed
+wrapper (edge/signing.py) made by one of them and name this node, and an old
+version is rejected as a replay instead of ignored; the retained copy of the
+document applied last, which the broker sends at every connection, is still
+just ignored. `desired.cbor` keeps the wrapper as it came, so the file is
+verified again at boot: a changed file is not applied.
 """
 
 from __future__ import annotations
@@ -20,10 +27,11 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from edge.documents import MAX_DESIRED_BYTES, Desired, decode_document, encode, parse_desired
+from edge.documents import MAX_DESIRED_BYTES, Desired, decode_document, parse_desired
 from edge.errors import DocumentError
 from edge.reconcile import Items
 from edge.rejections import Rejections
+from edge.signing import Keyring, SignatureError, is_signed, unwrap
 
 __all__ = ["DesiredState"]
 
@@ -32,13 +40,26 @@ log = logging.getLogger("edge.desired")
 Apply = Callable[[Desired], Awaitable[Items]]
 
 
+class _Refused(Exception):
+    """A document not taken: the kind counted, its version if it has one, and why."""
+
+    def __init__(self, kind: str, version: int | None, reason: str) -> None:
+        super().__init__(reason)
+        self.kind = kind
+        self.version = version
+        self.reason = reason
+
+
 class DesiredState:
     """Take desired documents from the uplink and apply the newest through `apply`."""
 
-    def __init__(self, path: Path, apply: Apply, *, max_bytes: int = MAX_DESIRED_BYTES,
+    def __init__(self, path: Path, apply: Apply, *, node: str = "", keys: Keyring | None = None,
+                 max_bytes: int = MAX_DESIRED_BYTES,
                  clock: Callable[[], float] = time.time) -> None:
         self.path = path
         self._apply = apply
+        self._node = node                      # "": documents for any node (tests)
+        self._keys = keys if keys else None    # None: nothing verified
         self._max_bytes = max_bytes
         self._clock = clock
         self.applied = 0              # version of the document applied last (0: none)
@@ -48,8 +69,9 @@ class DesiredState:
         self.ignored = 0              # documents not newer than the applied one
         self.changes = 0              # grows at each change the reported state shows
         self.rejections = Rejections(log, "desired")
-        self._pending: Desired | None = None
+        self._pending: tuple[Desired, bytes] | None = None  # and the payload, stored as it came
         self._applying = 0  # version being written or applied now
+        self._newest_doc: tuple[int, bytes] | None = None  # the newest accepted: version, doc
         self._waiters: list[asyncio.Future[None]] = []
         self._wake = asyncio.Event()
 
@@ -66,12 +88,14 @@ class DesiredState:
                       self.path, exc.strerror or exc)
             return
         try:
-            desired = parse_desired(decode_document(payload, self._max_bytes, "desired"))
-        except DocumentError as exc:
+            desired, doc = self._open(payload)
+        except _Refused as refused:
             log.error("the last desired state %s is not valid (%s); running without it",
-                      self.path, exc)
+                      self.path, refused.reason)
+            self._reject(refused.kind, refused.version, f"{self.path.name}: {refused.reason}")
             return
         log.info("applying desired state version %d from %s", desired.version, self.path)
+        self._newest_doc = (desired.version, doc)
         await self._apply_one(desired)
 
     # ---- from the uplink -----------------------------------------------------
@@ -81,42 +105,83 @@ class DesiredState:
 
         None: refused or ignored, nothing to wait for (PUBACK it at once).
         """
-        version: int | None = None
         try:
-            doc = decode_document(payload, self._max_bytes, "desired")
-            raw_version = doc.get("version")
-            if isinstance(raw_version, int) and not isinstance(raw_version, bool):
-                version = raw_version
-            desired = parse_desired(doc)
-        except DocumentError as exc:
-            if version is not None and version <= self._newest():
+            desired, doc = self._open(payload)
+        except _Refused as refused:
+            if self._keys is None and refused.version is not None \
+                    and refused.version <= self._newest():
                 self.ignored += 1  # an old document, bad or not: not news
                 return None
-            self._reject(version, str(exc))
+            self._reject(refused.kind, refused.version, refused.reason)
             return None
-        if desired.version <= self._newest():
-            self.ignored += 1
+        newest = self._newest()
+        if desired.version <= newest:
+            if self._keys is not None and self._newest_doc != (desired.version, doc):
+                # Signed once, so it is genuine, but old: someone sends it again.
+                self._reject("replayed", desired.version, f"replayed: version"
+                             f" {desired.version} is not above applied {newest}")
+                return None
+            self.ignored += 1  # without keys; or the retained copy of the newest, again
             log.debug("desired state version %d ignored: version %d is applied", desired.version,
-                      self._newest())
+                      newest)
             return None
-        self._pending = desired
+        self._pending = (desired, payload)
+        self._newest_doc = (desired.version, doc)
         waiter = asyncio.get_running_loop().create_future()
         self._waiters.append(waiter)
         self._wake.set()
         return waiter
 
+    def _open(self, payload: bytes) -> tuple[Desired, bytes]:
+        """Decode, verify and validate a payload: (the document, its CBOR); or _Refused."""
+        doc: dict[Any, Any] | None = None
+        try:
+            outer = decode_document(payload, self._max_bytes, "desired")
+            if is_signed(outer):
+                signed = unwrap(outer)
+                if self._keys is not None:
+                    try:
+                        self._keys.verify(signed)  # before its contents are looked at
+                    except SignatureError as exc:
+                        raise _Refused(exc.kind, self._peek_version(signed.doc),
+                                       str(exc)) from None
+                doc_bytes = signed.doc
+                doc = decode_document(doc_bytes, self._max_bytes, "desired")
+            elif self._keys is not None:
+                raise _Refused("unsigned", _version_of(outer), "unsigned: this node takes only"
+                               " documents signed by a key of its [state] desired_keys")
+            else:
+                doc_bytes, doc = payload, outer
+            desired = parse_desired(doc)
+        except DocumentError as exc:
+            raise _Refused("invalid", _version_of(doc), str(exc)) from None
+        node = desired.raw.get("node")
+        if self._node and node != self._node and (node is not None or self._keys is not None):
+            # A document made for another node, sent to this one's topic.
+            reason = f"for node {node!r}, not this node {self._node!r}" if node is not None \
+                else "names no node: a signed document must say which node it is for"
+            raise _Refused("wrong_node", desired.version, reason)
+        return desired, doc_bytes
+
+    def _peek_version(self, doc: bytes) -> int | None:
+        """The version a document says it has, for the report only: nothing trusts it."""
+        try:
+            return _version_of(decode_document(doc, self._max_bytes, "desired"))
+        except DocumentError:
+            return None
+
     def _newest(self) -> int:
         """The newest version accepted: applied, being applied, or waiting its turn."""
         return max(self.applied, self._applying,
-                   self._pending.version if self._pending else 0)
+                   self._pending[0].version if self._pending else 0)
 
-    def _reject(self, version: int | None, reason: str) -> None:
+    def _reject(self, kind: str, version: int | None, reason: str) -> None:
         if self.rejected is not None and self.rejected.get("version") == version \
                 and self.rejected.get("reason") == reason:
             return  # the retained copy again, at a reconnect: said already
         self.rejected = {"version": version, "reason": reason, "ts": self._clock()}
         self.changes += 1
-        self.rejections("invalid", f"version {version}: {reason}")
+        self.rejections(kind, f"version {version}: {reason}")
 
     # ---- applying --------------------------------------------------------------
 
@@ -125,13 +190,15 @@ class DesiredState:
         while True:
             await self._wake.wait()
             self._wake.clear()
-            desired, self._pending = self._pending, None
+            pending, self._pending = self._pending, None
             waiters, self._waiters = self._waiters, []
-            if desired is None:
+            if pending is None:
                 continue
+            desired, payload = pending
             self._applying = desired.version
             try:
-                await asyncio.to_thread(_write_synced, self.path, encode(desired.raw))
+                # As it came: a signed one keeps its signature, checked again at boot.
+                await asyncio.to_thread(_write_synced, self.path, payload)
             except OSError as exc:
                 log.error("cannot store desired state version %d in %s: %s; it is not"
                           " applied, and the broker sends it again", desired.version,
@@ -171,7 +238,14 @@ class DesiredState:
             "rejected": self.rejected,
             "ignored": self.ignored,
             "rejections": dict(self.rejections.counts),
+            "keys": list(self._keys.kids) if self._keys is not None else [],
         }
+
+
+def _version_of(doc: Any) -> int | None:
+    """A decoded document's version, if it has one that is an integer."""
+    version = doc.get("version") if isinstance(doc, dict) else None
+    return version if isinstance(version, int) and not isinstance(version, bool) else None
 
 
 def _write_synced(path: Path, data: bytes) -> None:

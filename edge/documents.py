@@ -109,12 +109,15 @@ def parse_desired(doc: Mapping[Any, Any], *, need_version: bool = True) -> Desir
     if not isinstance(doc, Mapping):
         raise DocumentError(f"{what}: expected a map, got {type(doc).__name__}")
     unknown = sorted(str(k) for k in doc if k not in ("v", "version", "services", "config",
-                                                      "ts", "by"))
+                                                      "ts", "by", "node"))
     if unknown:
-        raise DocumentError(f"{what}: unknown key {unknown[0]!r} (known: config, services,"
-                            " ts, v, version)")
+        raise DocumentError(f"{what}: unknown key {unknown[0]!r} (known: config, node,"
+                            " services, ts, v, version)")
     if doc.get("v", 1) != 1:
         raise DocumentError(f"{what}: v: expected 1, got {_show(doc.get('v'))}")
+    if "node" in doc and not isinstance(doc["node"], str):
+        # The node it is for (signed documents name it): the agent checks it is its own.
+        raise DocumentError(f"{what}: node: expected a node id, got {_show(doc['node'])}")
     version = _version(doc, what) if need_version or "version" in doc else 0
     services = doc.get("services", {})
     if not isinstance(services, Mapping) or not all(isinstance(k, str) for k in services):

@@ -1,4 +1,5 @@
-"""`edge registry serve`: argument parsing only; the server is imported when it runs."""
+"""`edge registry serve` and `keygen`: argument parsing only; the server is imported when
+it runs."""
 
 from __future__ import annotations
 
@@ -67,6 +68,28 @@ def add_registry_parser(sub: Any) -> None:
     serve.add_argument("--log-level", type=str.upper, choices=_LOG_LEVELS, metavar="LEVEL",
                        help="DEBUG, INFO, WARNING or ERROR (default INFO, or $EDGE_LOG_LEVEL)")
     serve.set_defaults(handler=_serve)
+    keygen = registry_sub.add_parser(
+        "keygen", help="make an Ed25519 key pair for --signing-key and [state] desired_keys")
+    keygen.add_argument("--out", type=Path, required=True, metavar="FILE",
+                        help="the private key (mode 0600) goes here, the public one to"
+                             " FILE.pub; neither may exist")
+    keygen.set_defaults(handler=_keygen)
+
+
+def _keygen(args: argparse.Namespace) -> int:
+    from edge.signing import generate_key, public_key_text
+
+    try:
+        signer = generate_key(args.out)
+    except OSError as exc:
+        why = "exists; a key is never overwritten" if isinstance(exc, FileExistsError) \
+            else exc.strerror or str(exc)
+        print(f"edge registry keygen: {exc.filename or args.out}: {why}", file=sys.stderr)
+        return 1
+    print(f"private key: {args.out} (for edge registry serve --signing-key)\n"
+          f"public key:  {args.out}.pub (for the nodes' [state] desired_keys)\n"
+          f"key id:      {signer.kid}\n\n{public_key_text(signer.public_key)}", end="")
+    return 0
 
 
 def _fail(message: str) -> int:

@@ -6,6 +6,10 @@ at a time and always sends what is stored, so a slower, older PUT can never
 leave its document retained over a newer one. Between workers (each with its
 own locks) the store is read again after each publish: a worker that sent an
 older version than the one stored meanwhile sends the newer one too.
+
+With a signing key (`--signing-key`), what is published is the document with
+its `node` added, in a signed wrapper (edge/signing.py); the store keeps the
+document as it was put.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from edge.documents import encode
 from edge.errors import RegistryError
 from edge.registry.records import desired_body
 from edge.registry.store import Store
+from edge.signing import Signer
 
 __all__ = ["DesiredPublisher"]
 
@@ -36,10 +41,12 @@ _REMEMBER = 100_000  # nodes kept in each of the publisher's small caches
 class DesiredPublisher:
     """PUTs of desired documents, and publishing the ones the broker lacks."""
 
-    def __init__(self, store: Store, publish: Publish, prefix: str) -> None:
+    def __init__(self, store: Store, publish: Publish, prefix: str, *,
+                 signer: Signer | None = None) -> None:
         self._store = store
         self._publish = publish
         self._prefix = prefix
+        self._signer = signer
         self._locks: dict[str, asyncio.Lock] = {}
         self._reports: dict[str, tuple[int, int | None]] = {}  # not looked at yet
         self._report_wake = asyncio.Event()
@@ -113,9 +120,8 @@ class DesiredPublisher:
                     version, body, published = stored
                     if version <= sent or (published and not sent and not force):
                         break  # what is stored went out: from here, or from another worker
-                    doc = {**cbor2.loads(body), "version": version}
                     topic = f"{self._prefix}/nodes/{node}/desired"
-                    published = await self._publish(topic, encode(doc))
+                    published = await self._publish(topic, self._payload(node, version, body))
                     if not published:
                         break
                     await self._store.mark_published(node, version)
@@ -125,6 +131,18 @@ class DesiredPublisher:
         finally:
             if not lock.locked() and self._locks.get(node) is lock:
                 del self._locks[node]
+
+    def _payload(self, node: str, version: int, body: bytes) -> bytes:
+        doc = {**cbor2.loads(body), "version": version}
+        if self._signer is None:
+            return encode(doc)  # as before signing: agents of older versions take no "node"
+        # The node and version are inside what is signed: no replay to another node.
+        return self._signer.wrap(encode({**doc, "node": node}))
+
+    @property
+    def signing_kid(self) -> str | None:
+        """The id of the key that signs the documents published (None: not signed)."""
+        return None if self._signer is None else self._signer.kid
 
     async def publish_pending(self) -> None:
         """Publish every stored document the broker does not have yet."""

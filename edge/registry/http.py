@@ -184,7 +184,8 @@ class Api:
         except RegistryError as exc:
             return web.json_response({"ok": False, "broker": broker, "db": self.db_url,
                                       "error": str(exc)}, status=503)
-        return web.json_response({"ok": True, "broker": broker, "db": self.db_url})
+        return web.json_response({"ok": True, "broker": broker, "db": self.db_url,
+                                  "signing_key": self.publisher.signing_kid})
 
     async def fleet_page(self, request: web.Request) -> web.Response:
         health = request.query.get("health") or None

@@ -26,6 +26,7 @@ from edge.registry.records import KINDS, Rejected, ReportedRow, Row, parse_topic
 from edge.registry.settings import RegistrySettings
 from edge.registry.store import Store, kind_of
 from edge.rejections import Rejections
+from edge.signing import Keyring
 from edge.tls import Login, TlsFiles
 
 __all__ = ["Ingest", "IngestStats"]
@@ -78,9 +79,11 @@ class Ingest:
         self, settings: RegistrySettings, store: Store, *,
         on_connected: Callable[[], Coroutine[Any, Any, None]] | None = None,
         on_report: Callable[[str, int, int | None], None] | None = None,
+        desired_keys: Keyring | None = None,
     ) -> None:
         self.settings = settings
         self.store = store
+        self._desired_keys = desired_keys  # the registry's own key: desired taken only signed
         self.stats = IngestStats()
         self._on_connected = on_connected
         self._on_report = on_report  # (node, desired_applied, rejected version) of a report
@@ -248,7 +251,7 @@ class Ingest:
             where = parse_topic(msg.topic, self.settings.prefix)
             if where is None or not msg.payload:
                 continue  # not a document topic, or a retained document being cleared
-            row = to_row(where[0], where[1], msg.payload, seen)
+            row = to_row(where[0], where[1], msg.payload, seen, keys=self._desired_keys)
             if isinstance(row, Rejected):
                 reject(row.kind, row.reason)
                 continue

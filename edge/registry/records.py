@@ -24,6 +24,7 @@ from edge.documents import (
     status_order,
 )
 from edge.errors import DocumentError
+from edge.signing import Keyring, is_signed, unwrap
 
 __all__ = [
     "KINDS",
@@ -119,16 +120,22 @@ def parse_topic(topic: str, prefix: str) -> tuple[str, str] | None:
 
 
 def desired_body(doc: Mapping[Any, Any]) -> bytes:
-    """A desired document as stored: CBOR, without `version` (the store keeps that)."""
-    return encode({str(k): v for k, v in doc.items() if k != "version"})
+    """A desired document as stored: CBOR, without `version` and `node` (the store keeps
+    those)."""
+    return encode({str(k): v for k, v in doc.items() if k not in ("version", "node")})
 
 
 def _json(value: Any) -> str:
     return json.dumps(value, default=str, separators=(",", ":"))
 
 
-def to_row(node: str, kind: str, payload: bytes, seen: float) -> Row | Rejected:
-    """Decode and check one document of `node`; never raises for bad input."""
+def to_row(node: str, kind: str, payload: bytes, seen: float, *,
+           keys: Keyring | None = None) -> Row | Rejected:
+    """Decode and check one document of `node`; never raises for bad input.
+
+    `keys`: the registry signs its desired documents, and takes from the broker only
+    those it signed (a forged one stored here would go out signed at the next resend).
+    """
     try:
         doc = decode_document(payload, _LIMITS[kind], kind)
         if kind == "status":
@@ -142,7 +149,18 @@ def to_row(node: str, kind: str, payload: bytes, seen: float) -> Row | Rejected:
                                            f" the topic of node {node!r}")
             version = check_reported(doc, node)
             return _reported(node, seen, version, doc, payload)
+        if is_signed(doc):
+            signed = unwrap(doc)
+            if keys:
+                keys.verify(signed)
+            doc = decode_document(signed.doc, _LIMITS[kind], kind)
+        elif keys:
+            return Rejected("invalid", f"node {node}: desired: unsigned, and this registry"
+                                       " signs its documents (--signing-key)")
         desired = parse_desired(doc)
+        if doc.get("node", node) != node:
+            return Rejected("spoofed", f"desired: node {doc.get('node')!r} published on the"
+                                       f" topic of node {node!r}")
         return DesiredRow(node, None, desired.version, desired_body(doc))
     except DocumentError as exc:
         return Rejected("invalid", f"node {node}: {exc}")

@@ -15,6 +15,7 @@ from edge.registry.http import Api, make_app
 from edge.registry.ingest import Ingest
 from edge.registry.settings import RegistrySettings, db_url_for_humans
 from edge.registry.store import open_store
+from edge.signing import Keyring, load_signer
 
 __all__ = ["run_registry", "serve"]
 
@@ -23,6 +24,13 @@ log = logging.getLogger("edge.registry")
 
 async def serve(settings: RegistrySettings, stop: asyncio.Event) -> None:
     """Run until `stop` is set, then shut down in order: HTTP, ingest, store."""
+    signer = None
+    if settings.signing_key is not None:
+        try:
+            signer = await asyncio.to_thread(load_signer, settings.signing_key)
+        except ConfigError as exc:
+            raise ConfigError(f"--signing-key: {exc}") from exc
+        log.info("signing desired documents with key %s", signer.kid)
     store = await open_store(settings.db_url)
     try:
         publisher: DesiredPublisher | None = None
@@ -35,8 +43,9 @@ async def serve(settings: RegistrySettings, stop: asyncio.Event) -> None:
             if publisher is not None:
                 publisher.reported(node, applied, rejected)
 
-        ingest = Ingest(settings, store, on_connected=connected, on_report=reported)
-        publisher = DesiredPublisher(store, ingest.publish, settings.prefix)
+        ingest = Ingest(settings, store, on_connected=connected, on_report=reported,
+                        desired_keys=None if signer is None else Keyring([signer.public_key]))
+        publisher = DesiredPublisher(store, ingest.publish, settings.prefix, signer=signer)
         api = Api(store, publisher, ingest.stats, policy=settings.health,
                   db_url=settings.db_url, broker_online=lambda: ingest.online,
                   max_body=settings.max_body)

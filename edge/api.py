@@ -28,7 +28,9 @@ from edge.errors import (
     StorageError,
 )
 
-__all__ = ["ApiServer", "Handler", "Stream", "Submit", "parse_publish", "validate_topic"]
+__all__ = [
+    "ApiServer", "Handler", "Stream", "Submit", "parse_publish", "parse_request", "validate_topic",
+]
 
 log = logging.getLogger("edge.api")
 
@@ -127,6 +129,29 @@ def parse_publish(req: dict[str, Any]) -> tuple[str, Any, str, int, float | None
             "bad_request", "'ttl' must be a finite, non-negative number of seconds (0: never)"
         )
     return topic, data, ct, prio, None if not ttl else float(ttl)
+
+
+def parse_request(line: bytes, max_line: int) -> dict[str, Any]:
+    """One request line as a JSON object with a string `op`, or RequestError saying why not.
+
+    The reader stops a line at `max_line` bytes before it gets here; the check is
+    repeated so that the parser is bounded on its own.
+    """
+    if len(line) - line.endswith(b"\n") > max_line:
+        raise RequestError("too_long", f"request line is over {max_line} bytes")
+    try:
+        req = json.loads(line.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise RequestError("bad_json", f"request is not UTF-8 text: {exc}") from exc
+    except ValueError as exc:  # also a number of more than 4300 digits
+        raise RequestError("bad_json", f"request is not JSON: {exc}") from exc
+    except RecursionError:
+        raise RequestError("bad_json", "request is nested too deeply to parse") from None
+    if not isinstance(req, dict):
+        raise RequestError("bad_request", "request must be a JSON object")
+    if not isinstance(req.get("op"), str):
+        raise RequestError("bad_request", "request needs 'op', a string")
+    return req
 
 
 def _error(code: str, message: str) -> dict[str, Any]:
@@ -333,18 +358,10 @@ class ApiServer:
     def _dispatch(self, line: bytes) -> Awaitable[Answer]:
         """Parse a line and start serving it; the answer is awaited in order."""
         try:
-            req = json.loads(line.decode("utf-8"))
-        except UnicodeDecodeError as exc:
-            return _done(self._reject("bad_json", f"request is not UTF-8 text: {exc}"))
-        except ValueError as exc:
-            return _done(self._reject("bad_json", f"request is not JSON: {exc}"))
-        except RecursionError:
-            return _done(self._reject("bad_json", "request is nested too deeply to parse"))
-        if not isinstance(req, dict):
-            return _done(self._reject("bad_request", "request must be a JSON object"))
-        op = req.get("op")
-        if not isinstance(op, str):
-            return _done(self._reject("bad_request", "request needs 'op', a string"))
+            req = parse_request(line, self.max_line)
+        except RequestError as exc:
+            return _done(self._reject(exc.code, str(exc)))
+        op = req["op"]
         if op == "publish":
             # Queued now, answered when its commit lands: pipelined requests share commits.
             try:

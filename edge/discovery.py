@@ -597,7 +597,8 @@ class Discovery:
         if self.table.get(instance) is None:
             return  # no SRV yet: the TXT is read from the cache when it comes
         entries, problems = parse_txt(record.text)
-        problems += self.table.text(instance, now, entries)
+        if problems != ["txt_too_large"]:  # refused unread: the peer keeps its last TXT
+            problems += self.table.text(instance, now, entries)
         for problem in problems:
             self._reject(instance, problem, "malformed TXT entry skipped or kept as bytes")
 

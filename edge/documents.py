@@ -84,7 +84,11 @@ class Desired:
 
 
 def decode_document(payload: bytes, max_bytes: int, what: str) -> dict[Any, Any]:
-    """Decode one CBOR map, its size checked first; DocumentError if it is not one."""
+    """Decode one CBOR map, its size and structure checked first; DocumentError if not one.
+
+    The structure check (edge/cbor_safe.py) refuses tags, nesting deeper than 64,
+    over 100,000 items and lengths beyond the payload; the CborError is the cause.
+    """
     try:
         return load_map(payload, max_bytes)
     except EnvelopeError as exc:

@@ -19,7 +19,7 @@ import cbor2
 
 from edge.api import validate_topic
 from edge.envelope import load_map
-from edge.errors import EnvelopeError, MessageTooLarge, RequestError, StorageError
+from edge.errors import CborError, EnvelopeError, MessageTooLarge, RequestError, StorageError
 from edge.inbox import Inbox, InboxRow
 from edge.localbus import LocalBus
 from edge.rejections import Rejections
@@ -120,6 +120,9 @@ class Downlink:
             return None
         except MessageTooLarge as exc:
             self.rejected("too_large", f"down/{local_topic}: {exc}")
+            return None
+        except CborError as exc:
+            self.rejected(exc.kind, f"down/{local_topic}: {exc}")  # cbor_depth, cbor_tag, ...
             return None
         except EnvelopeError as exc:
             self.rejected("bad_envelope", f"down/{local_topic}: {exc}")

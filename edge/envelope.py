@@ -9,7 +9,8 @@ from typing import Any
 
 import cbor2
 
-from edge.errors import EnvelopeError, MessageTooLarge
+from edge import cbor_safe
+from edge.errors import CborError, EnvelopeError, MessageTooLarge
 
 __all__ = ["MAX_ENVELOPE_BYTES", "Envelope", "load_map", "new_message_id"]
 
@@ -54,13 +55,17 @@ def new_message_id(now: float | None = None) -> bytes:
 
 
 def load_map(frame: bytes, max_bytes: int) -> dict[Any, Any]:
-    """Decode a CBOR map, its size checked before any decoding; EnvelopeError if not one."""
+    """Decode a CBOR map, its size checked before any decoding; EnvelopeError if not one.
+
+    The frame's structure is checked before cbor2 builds anything (edge/cbor_safe.py):
+    a frame over a limit or with a tag raises CborError, whose `kind` says which.
+    """
     if len(frame) > max_bytes:
         raise MessageTooLarge(f"envelope of {len(frame)} bytes exceeds the limit of {max_bytes}")
     try:
-        obj = cbor2.loads(frame)
-    except Exception as exc:  # cbor2 raises several unrelated types on bad input
-        raise EnvelopeError(f"envelope is not valid CBOR: {exc}") from exc
+        obj = cbor_safe.loads(frame)
+    except CborError as exc:
+        raise CborError(exc.kind, f"envelope is not valid CBOR: {exc}") from exc
     if not isinstance(obj, dict):
         raise EnvelopeError(f"envelope must be a CBOR map, got {type(obj).__name__}")
     return obj

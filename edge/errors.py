@@ -6,7 +6,8 @@ Every error the project raises on purpose derives from ``EdgeError``::
     ├── ConfigError          a config file, flag or value is wrong
     ├── ProfileError         a firmware profile file is not valid, or none fits
     ├── EnvelopeError        a CBOR envelope could not be built or decoded
-    │   └── MessageTooLarge  over a size limit
+    │   ├── MessageTooLarge  over a size limit
+    │   └── CborError        CBOR from outside is malformed or over a structural limit
     ├── StorageError         the outbox database failed
     │   └── QueueFull        the outbox is full and on_full = "reject"
     ├── RequestError         a socket API request is malformed or refused
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 __all__ = [
     "AgentNotRunning",
+    "CborError",
     "ConfigError",
     "DocumentError",
     "EdgeError",
@@ -52,6 +54,14 @@ class EnvelopeError(EdgeError):
 
 class MessageTooLarge(EnvelopeError):
     """A message or frame is over a size limit."""
+
+
+class CborError(EnvelopeError):
+    """CBOR from outside is malformed or over a limit: depth, items, lengths, tags, keys."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind  # what the counters count: cbor_depth, cbor_tag, ... (edge/cbor_safe.py)
 
 
 class StorageError(EdgeError):

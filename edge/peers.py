@@ -17,9 +17,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["MAX_PEERS", "TXT_VALUE_MAX", "Peer", "PeerTable", "format_address", "parse_txt"]
+__all__ = [
+    "MAX_PEERS", "TXT_MAX_BYTES", "TXT_MAX_ENTRIES", "TXT_VALUE_MAX", "Peer", "PeerTable",
+    "format_address", "parse_txt",
+]
 
 TXT_VALUE_MAX = 200  # bytes: a longer TXT value is skipped as over-long
+TXT_MAX_BYTES = 1300  # a larger TXT record is refused unread (RFC 6763 6.2: keep under 1300)
+TXT_MAX_ENTRIES = 32  # entries kept from one record; ours has 5
 MAX_PEERS = 1000  # rows: a LAN host announcing endless instances must not eat the memory
 _NODE_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")  # as [node] id
 _UPLINK_STATES = ("online", "offline")
@@ -70,9 +75,13 @@ def parse_txt(raw: bytes) -> tuple[dict[str, Any], list[str]]:
     """Decode a TXT record's strings; return the entries and what was wrong with it.
 
     A value that is not UTF-8 is kept as {"base64": ...}; a key that is empty,
-    not printable ASCII, or repeated, and a value over TXT_VALUE_MAX bytes, are
-    skipped. A bare key (no "=") maps to None (RFC 6763 6.4).
+    not printable ASCII, or repeated, a value over TXT_VALUE_MAX bytes and the
+    entries after the first TXT_MAX_ENTRIES are skipped. A bare key (no "=") maps
+    to None (RFC 6763 6.4). A record over TXT_MAX_BYTES is not read at all
+    ("txt_too_large"). Each problem is named once.
     """
+    if len(raw) > TXT_MAX_BYTES:
+        return {}, ["txt_too_large"]
     entries: dict[str, Any] = {}
     problems: list[str] = []
     i = 0
@@ -85,6 +94,9 @@ def parse_txt(raw: bytes) -> tuple[dict[str, Any], list[str]]:
             break
         if not item:
             continue  # an empty string: the whole TXT record is empty
+        if len(entries) >= TXT_MAX_ENTRIES:
+            problems.append("txt_too_many_entries")
+            break
         key_bytes, eq, value = item.partition(b"=")
         if not key_bytes:
             problems.append("txt_empty_key")
@@ -107,7 +119,7 @@ def parse_txt(raw: bytes) -> tuple[dict[str, Any], list[str]]:
         except UnicodeDecodeError:
             problems.append("txt_value_not_utf8")
             entries[key] = {"base64": base64.b64encode(value).decode("ascii")}
-    return entries, problems
+    return entries, list(dict.fromkeys(problems))
 
 
 class PeerTable:

@@ -58,6 +58,13 @@ Values = dict[str, dict[str, Any]]
 _MQTT_PORT = 1883
 _MQTTS_PORT = 8883
 _CONFIG_MAX_BYTES = 1024 * 1024  # a config file is read whole: bounded before parsing
+# tomllib keeps every prefix of a dotted key: memory grows as the square of its parts
+# (10,000 parts in 20 KB took 400 MB). Refused before parsing; the pattern is linear
+# (possessive, and a part starts only where no part character is before it).
+_DOTTED_PARTS_MAX = 32
+_KEY_PART = r"""(?>[A-Za-z0-9_-]++|"[^"\n]*+"|'[^'\n]*+')"""
+_LONG_DOTTED_KEY = re.compile(
+    rf"""(?<![A-Za-z0-9_"'-]){_KEY_PART}(?:[ \t]*+\.[ \t]*+{_KEY_PART}){{{_DOTTED_PARTS_MAX}}}""")
 _PROFILE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 # Whitespace and C0/C1 controls: urlsplit keeps some (a trailing space becomes
 # part of the host name) and silently drops others (tab, newline).
@@ -183,7 +190,10 @@ def _check_brokers(settings: Settings, source: str) -> None:
 
 def _show(value: object) -> str:
     # JSON quoting keeps a message on one line even when the value holds a newline.
-    return json.dumps(value, ensure_ascii=False, default=str)
+    try:
+        return json.dumps(value, ensure_ascii=False, default=str)
+    except (TypeError, ValueError, RecursionError):  # keys JSON cannot have; a deep value
+        return repr(value)[:200]
 
 
 def _text(value: Any) -> str:
@@ -493,7 +503,11 @@ def _read(path: Path | None, must_exist: bool) -> tuple[dict[str, Any], str]:
         if len(data) > _CONFIG_MAX_BYTES:
             raise ConfigError(f"config {path}: larger than {_CONFIG_MAX_BYTES // 1024} KiB;"
                               " not a config file?")
-        return tomllib.loads(data.decode()), str(path)
+        text = data.decode()
+        if _LONG_DOTTED_KEY.search(text):
+            raise ConfigError(f"config {path}: a dotted key of more than"
+                              f" {_DOTTED_PARTS_MAX} parts; not a config file?")
+        return tomllib.loads(text), str(path)
     except FileNotFoundError:
         if path == DEFAULT_CONFIG and not must_exist:
             return {}, "<defaults>"
@@ -504,6 +518,10 @@ def _read(path: Path | None, must_exist: bool) -> tuple[dict[str, Any], str]:
         raise ConfigError(f"config {path}: not valid TOML: {' '.join(str(exc).split())}") from exc
     except UnicodeDecodeError as exc:
         raise ConfigError(f"config {path}: not valid TOML: not UTF-8 text") from exc
+    except RecursionError:  # tomllib recurses once per level of nesting
+        raise ConfigError(f"config {path}: not valid TOML: nested too deep") from None
+    except ValueError as exc:  # e.g. an integer of more than 4300 digits
+        raise ConfigError(f"config {path}: not valid TOML: {exc}") from None
 
 
 def _parse_document(document: dict[str, Any], source: str) -> Values:

@@ -155,6 +155,11 @@ class DesiredState:
             desired = parse_desired(doc)
         except DocumentError as exc:
             raise _Refused("invalid", _version_of(doc), str(exc)) from None
+        except (TypeError, ValueError, OverflowError, RecursionError) as exc:
+            # A parser bug must not take the node down: the document is refused all the same.
+            log.exception("desired state: the parser failed on a document")
+            raise _Refused("invalid", _version_of(doc),
+                           f"not a valid desired document ({type(exc).__name__})") from None
         node = desired.raw.get("node")
         if self._node and node != self._node and (node is not None or self._keys is not None):
             # A document made for another node, sent to this one's topic.

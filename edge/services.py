@@ -158,7 +158,10 @@ Parser = Callable[[Any], Any]
 
 def _show(value: object) -> str:
     # JSON quoting keeps a message on one line even when the value holds a newline.
-    return json.dumps(value, ensure_ascii=False, default=str)
+    try:
+        return json.dumps(value, ensure_ascii=False, default=str)
+    except (TypeError, ValueError, RecursionError):  # keys JSON cannot have; a deep value
+        return repr(value)[:200]
 
 
 def _one_of(options: tuple[str, ...]) -> str:

@@ -49,7 +49,9 @@ def parse_size(text: str | int) -> int:
     if isinstance(text, str):
         match = _QUANTITY.fullmatch(text)
         if match and match[2].lower() in _SIZE_UNITS:
-            return round(float(match[1]) * _SIZE_UNITS[match[2].lower()])
+            size = float(match[1]) * _SIZE_UNITS[match[2].lower()]
+            if math.isfinite(size):  # "9999...9GiB" is inf, which no int holds
+                return round(size)
     raise ValueError(f"{_SIZE_EXPECTED}, got {_show(text)}")
 
 
@@ -62,10 +64,15 @@ def parse_duration(text: str | float) -> float:
         match = _QUANTITY.fullmatch(text)
         # A bare number string is refused: "30" could mean seconds or milliseconds.
         if match and match[2] in _DURATION_UNITS:
-            return float(match[1]) * _DURATION_UNITS[match[2]]
+            seconds = float(match[1]) * _DURATION_UNITS[match[2]]
+            if math.isfinite(seconds):
+                return seconds
     raise ValueError(f"{_DURATION_EXPECTED}, got {_show(text)}")
 
 
 def _show(value: object) -> str:
     # JSON quoting keeps a message on one line even when the value holds a newline.
-    return json.dumps(value, ensure_ascii=False, default=str)
+    try:
+        return json.dumps(value, ensure_ascii=False, default=str)
+    except (TypeError, ValueError, RecursionError):  # keys JSON cannot have; a deep value
+        return repr(value)[:200]

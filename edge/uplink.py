@@ -296,10 +296,15 @@ class Uplink:
     def _on_down(self, conn: MqttConnection, message: Inbound) -> None:
         prefix = f"{self.base}/down/"
         stored = None
-        if self.on_down is not None and message.topic.startswith(prefix):
-            stored = self.on_down(message.topic[len(prefix):], message.payload)
-        elif self.on_desired is not None and message.topic == f"{self.base}/desired":
-            stored = self.on_desired(message.payload)
+        try:
+            if self.on_down is not None and message.topic.startswith(prefix):
+                stored = self.on_down(message.topic[len(prefix):], message.payload)
+            elif self.on_desired is not None and message.topic == f"{self.base}/desired":
+                stored = self.on_desired(message.payload)
+        except Exception:
+            # A bug of ours on one message: refused (acknowledged, or the broker would send
+            # it again at every reconnect), and the connection lives on.
+            log.exception("uplink: handling %s failed; the message is dropped", message.topic)
         if stored is None:
             conn.ack(message)  # rejected or not ours: never to be sent again
             return

@@ -426,7 +426,9 @@ async def test_depends_on_holds_a_dependant_until_its_dependency_is_healthy(
         waiting = row(supervisor, "app")
         assert (waiting["state"], waiting["pid"], waiting["waiting_for"]) == (
             "starting", None, ["broker"])
-        await until(started_at.exists, what="app started")
+        # Created, then written: wait for what it says, not only for the file.
+        await until(lambda: started_at.exists() and started_at.read_text() != "",
+                    what="app started")
         assert float(started_at.read_text()) >= float(listening_at.read_text())
         assert row(supervisor, "broker")["health"] == "passing"
         assert [r["name"] for r in supervisor.snapshot()] == ["broker", "app"]

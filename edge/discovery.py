@@ -69,6 +69,7 @@ log = logging.getLogger("edge.discovery")
 
 SERVICE_TYPE = "_edge-agent._tcp.local."
 API_VERSION = "1"
+_REJECT_LOG_EVERY = 60.0  # seconds between log lines about one kind of bad record
 _MDNS_PORT = 5353
 _TICK = 0.5  # seconds between liveness and TXT checks
 _BROWSE_AT = (0.0, 1.0, 3.0)  # seconds after start: PTR queries for peers already up
@@ -118,7 +119,8 @@ class Discovery:
         self._clock = clock
         self.table = PeerTable(wall=clock)
         self.rejected: Counter[str] = Counter()
-        self._logged: set[tuple[str, str]] = set()
+        self._logged_at: dict[str, float] = {}  # kind -> when a rejection was last logged
+        self._unlogged: dict[str, int] = {}  # kind -> counted since
         self.state = "disabled" if not settings.enabled else "starting"
         self.reason: str | None = None if settings.enabled else "[discovery] enabled = false"
         self.instance: str | None = None
@@ -651,11 +653,17 @@ class Discovery:
         return self._interfaces[0].name if len(self._interfaces) == 1 else None
 
     def _reject(self, instance: str, kind: str, what: str, *, exc_info: bool = False) -> None:
+        """Count it; log it once a minute per kind (a LAN of bad peers is no log storm)."""
         self.rejected[kind] += 1
-        if (instance, kind) not in self._logged and len(self._logged) < 10_000:
-            self._logged.add((instance, kind))
-            log.warning("discovery: %s from %r (%s); logged once per peer",
-                        what, instance, kind, exc_info=exc_info)
+        self._unlogged[kind] = self._unlogged.get(kind, 0) + 1
+        now = time.monotonic()
+        if now - self._logged_at.get(kind, -_REJECT_LOG_EVERY) >= _REJECT_LOG_EVERY:
+            more = self._unlogged[kind] - 1
+            log.warning("discovery: %s from %r (%s)%s", what, instance, kind,
+                        f"; {more} more since the last report" if more else "",
+                        exc_info=exc_info)
+            self._logged_at[kind] = now
+            self._unlogged[kind] = 0
 
     # ---- our own addresses -----------------------------------------------------------
 

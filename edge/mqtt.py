@@ -214,6 +214,7 @@ class MqttConnection:
         connect_timeout: float = 10.0,
         clean: bool = False,
         receive_maximum: int | None = None,
+        max_packet_size: int | None = None,
         on_message: Callable[[Inbound], None] | None = None,
         tls: TlsFiles | None = None,
         login: Login | None = None,
@@ -225,6 +226,7 @@ class MqttConnection:
         self.session_expiry = session_expiry
         self.clean = clean
         self.receive_maximum = receive_maximum
+        self.max_packet_size = max_packet_size  # MQTT 5: the broker sends nothing larger
         self.tls = tls  # mqtts://: the files are read at connect()
         self.login = login
         self._loop = asyncio.get_running_loop()
@@ -448,6 +450,8 @@ class MqttConnection:
             props.SessionExpiryInterval = int(self.session_expiry)
             if self.receive_maximum is not None:
                 props.ReceiveMaximum = self.receive_maximum
+            if self.max_packet_size is not None:
+                props.MaximumPacketSize = self.max_packet_size
             extra = {"clean_start": self.clean, "properties": props}
         try:
             async with asyncio.timeout(timeout):

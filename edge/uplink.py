@@ -21,6 +21,7 @@ import cbor2
 
 from edge.backoff import Backoff, reconnect_forever
 from edge.config import parse_mqtt_url
+from edge.downlink import MAX_DOWN_BYTES
 from edge.errors import UplinkError
 from edge.mqtt import Closed, Inbound, MqttConnection, PublishResult, publish_packet_size
 from edge.outbox import Outbox, OutRow, QueueStats
@@ -38,6 +39,7 @@ _REFUSES_MESSAGE = {
     0x95: "packet too large",
     0x99: "payload format invalid",
 }
+_PACKET_OVERHEAD = 64 * 1024  # a PUBLISH's header, topic and properties, generously
 _STRIKE_WINDOW = 5.0  # seconds: a drop later than this after sending is not the message's fault
 # Another client with our client id: the broker closes each connection soon after CONNACK.
 _CLONE_EARLY = 30.0  # seconds after CONNACK: a close by the broker sooner than this is "early"
@@ -191,6 +193,9 @@ class Uplink:
             max_inflight=self.settings.inflight + 4,
             connect_timeout=self.settings.connect_timeout,
             on_message=down, tls=tls, login=login,
+            # Larger down messages are refused anyway: better the broker never sends them
+            # than paho buffers one whole first.
+            max_packet_size=MAX_DOWN_BYTES + _PACKET_OVERHEAD,
         )
         connack = await conn.connect(self.settings.connect_timeout)
         self._conn = conn

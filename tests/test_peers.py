@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 import socket
 from types import SimpleNamespace
 
 import psutil
+import pytest
 
 from edge.interfaces import host_token, select_interfaces
 from edge.peers import MAX_PEERS, TXT_VALUE_MAX, PeerTable, format_address, parse_txt
@@ -248,3 +250,20 @@ def test_records_zeroconf_drops_from_its_cache_are_not_news_from_the_peer() -> N
     listener.async_update_records(None, current_time_millis(),  # type: ignore[arg-type]
                                   [RecordUpdate(r) for r in (expired, goodbye, fresh)])
     assert seen == [goodbye, fresh]
+
+
+def test_bad_records_from_many_peers_are_logged_once_a_minute_per_kind(
+        caplog: pytest.LogCaptureFixture) -> None:
+    from edge.discovery import Discovery
+    from edge.settings import DiscoverySettings
+
+    discovery = Discovery(DiscoverySettings(), "node-a", version="0", profile="x",
+                          uplink_state=lambda: "offline")
+    with caplog.at_level(logging.WARNING, logger="edge.discovery"):
+        for i in range(500):
+            discovery._reject(f"peer-{i}", "txt_value_not_utf8", "malformed TXT entry")
+        discovery._reject("peer-x", "too_many_peers", "the peer table is full")
+    assert discovery.rejected["txt_value_not_utf8"] == 500
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 2, lines  # one per kind, not one per peer
+    assert "peer-0" in lines[0] and "too_many_peers" in lines[1]

@@ -18,6 +18,7 @@ from typing import IO, Any
 
 from edge import __version__
 from edge.api import ApiServer, Stream
+from edge.clock import ClockSync
 from edge.desired import DesiredState
 from edge.discovery import Discovery
 from edge.downlink import Downlink
@@ -59,7 +60,9 @@ class Agent:
         self.node = settings.node.id
         self.boot = clock()
         data_dir = settings.node.data_dir
-        self.outbox = Outbox(data_dir / "outbox.db", self.node, settings.queue, clock=clock)
+        self.clock_sync = ClockSync(wall=clock)
+        self.outbox = Outbox(data_dir / "outbox.db", self.node, settings.queue, clock=clock,
+                             sync=self.clock_sync)
         self.local = LocalBus(
             settings.local, self.node, self.outbox, state_path=data_dir / "local-session.json",
             cloud_prefix=settings.uplink.prefix, clock=clock,
@@ -146,6 +149,7 @@ class Agent:
             self.notifier.ready(self._status_line())
             async with asyncio.TaskGroup() as tg:
                 tasks = [
+                    tg.create_task(self.clock_sync.run(), name="clock"),
                     tg.create_task(self.outbox.run(), name="outbox"),
                     tg.create_task(self.uplink.run(), name="uplink"),
                     tg.create_task(self.local.run(), name="local"),
@@ -336,6 +340,9 @@ class Agent:
                 "last_error": up.last_error, "inflight": up.inflight,
             },
             "queue": await self._queue_view(),
+            "clock": {"synchronised": self.clock_sync.synced,
+                      "synchronised_at": self.clock_sync.synced_at,
+                      "boot_id": self.clock_sync.boot_id.hex()},
             "telemetry": {
                 "interval": self.telemetry.interval,
                 "samples": self.telemetry.samples,

@@ -366,6 +366,8 @@ def _status_table(s: dict[str, Any]) -> str:
         since = q.get("storage_error_since")
         failing = f" for {_age(time.time() - since)}" if since else ""
         rows.append(("storage", f"FAILING{failing}: {q['storage_error']}"))
+    if s.get("clock", {}).get("synchronised") is False:
+        rows.append(("clock", "not synchronised yet: messages are marked (tsu) until it is"))
     if q.get("moved_aside"):
         moved = q["moved_aside"]
         ago = f" {_age(time.time() - moved['ts'])} ago" if moved.get("ts") else ""

@@ -85,12 +85,20 @@ class Envelope:
     prio: int = 0
     exp: float | None = None
     v: int = 1
+    # Taken before the wall clock was synchronised (edge/clock.py): the mark, and the
+    # monotonic time and boot id that let the agent correct `ts` once it is.
+    tsu: bool = False
+    mono: float | None = None
+    bootid: bytes | None = None
+    tsc: bool = False  # `ts` (and `exp`) were corrected after the clock was synchronised
 
     def __post_init__(self) -> None:
         if len(self.id) != 16:
             raise EnvelopeError(f"envelope id must be 16 bytes, got {len(self.id)}")
         if self.seq < 1:
             raise EnvelopeError(f"envelope seq must be positive, got {self.seq}")
+        if self.bootid is not None and len(self.bootid) != 16:
+            raise EnvelopeError(f"envelope bootid must be 16 bytes, got {len(self.bootid)}")
 
     def to_map(self) -> dict[str, Any]:
         """The envelope as the CBOR map DESIGN.md fixes (optional keys only when set)."""
@@ -108,6 +116,14 @@ class Envelope:
             out["prio"] = self.prio
         if self.exp is not None:
             out["exp"] = self.exp
+        if self.tsu:
+            out["tsu"] = True
+        if self.mono is not None:
+            out["mono"] = self.mono
+        if self.bootid is not None:
+            out["bootid"] = self.bootid
+        if self.tsc:
+            out["tsc"] = True
         return out
 
     def encode(self) -> bytes:

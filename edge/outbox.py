@@ -14,9 +14,20 @@ only ever sees committed rows.
 When a commit fails (a full disk), the acknowledgements it carried are not
 given back to be sent again: they stay in memory, still leased, and go into
 the next attempt, which comes after a capped backoff. Meanwhile new messages
-are refused at once. A broker's PUBACK is therefore never paid for with a
-resend; a crash before the retry lands costs at most the in-flight window, as
-any crash does.
+are refused at once, and acknowledgements in send order are recorded aside,
+in a small preallocated file written in place (`outbox.db.mark`, which needs
+no free space): the uplink's window keeps moving and the backlog keeps
+draining while the disk is full. A broker's PUBACK is therefore never paid
+for with a resend; a crash costs at most the in-flight window, as any crash
+does. The file's mark counts only for the database it was written for, and
+only until the database's own mark has caught up (a generation in `meta`).
+
+Time: the `ts` and `exp` columns are on the outbox clock, the monotonic clock
+plus a base fixed once per boot (kept in `meta` with the boot id), so ages and
+expiry follow the time that really passed within a boot, across agent
+restarts, whatever steps the wall clock takes. The envelopes keep wall-clock
+`ts` and `exp`; one accepted before the clock was synchronised is dated again
+when it is read for sending, if it is of this boot (edge/clock.py).
 
 Acknowledged rows mostly leave by a mark, not a delete: rows are sent in key
 order and acknowledged in order, so "every row up to key K is acknowledged"
@@ -32,8 +43,11 @@ import dataclasses
 import json
 import logging
 import os
+import secrets
 import sqlite3
+import struct
 import time
+import zlib
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -41,8 +55,10 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import aiosqlite
+import cbor2
 
 from edge.backoff import Backoff
+from edge.clock import ClockSync, boot_id, retime
 from edge.envelope import Envelope, new_message_id
 from edge.errors import EnvelopeError, MessageTooLarge, QueueFull, StorageError
 from edge.settings import QueueSettings
@@ -67,12 +83,16 @@ _DEAD_KEEP_BYTES = 16 * 1024 * 1024
 _FILE_MODE = 0o640  # the database, its -wal and -shm, and the seq side file
 _CORRUPT_KEEP = 3  # corrupt databases kept after being moved aside
 _LOG_EVERY = 60.0  # seconds between repeats of one warning (with a count)
+_MARK_FILE_BYTES = 4096  # preallocated, so that writing a mark needs no free space
+_MARK_RECORD = struct.Struct("<8sQQQ")  # magic, database id, generation, mark; then a CRC32
+_MARK_MAGIC = b"edgemark"
+_TSU = b"\x63tsu"  # the CBOR text "tsu": only envelopes holding it may need dating again
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS outbox (
     k INTEGER PRIMARY KEY,      -- (PRIO_MAX - prio) << 48 | seq
-    ts REAL NOT NULL,
-    exp REAL,
+    ts REAL NOT NULL,           -- accepted, on the outbox clock (monotonic + boot base)
+    exp REAL,                   -- expiry, on the outbox clock
     topic TEXT NOT NULL,        -- route under the node's cloud topic
     body BLOB NOT NULL          -- the CBOR envelope, exactly as published
 );
@@ -99,8 +119,14 @@ class OutRow:
 
     key: int
     topic: str  # the route under the node's cloud topic, e.g. "up/sensors/t"
-    body: bytes
-    exp: float | None
+    body: bytes  # what to publish: the stored envelope, dated again if it had to be
+    exp: float | None  # on the outbox clock
+    stored: int = -1  # bytes the stored body takes, when `body` is not it
+
+    @property
+    def size(self) -> int:
+        """Bytes the row takes in the outbox."""
+        return self.stored if self.stored >= 0 else len(self.body)
 
     @property
     def seq(self) -> int:
@@ -168,12 +194,28 @@ class Outbox:
         settings: QueueSettings,
         *,
         clock: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
+        sync: ClockSync | None = None,
     ) -> None:
+        """`clock` dates messages, `monotonic` times everything; `sync`, when given, says
+        whether the wall clock is synchronised yet (without it, it is taken to be)."""
         self.path = path
         self.node = node
         self.settings = settings
         self._clock = clock
+        self._mono = monotonic
+        self._sync = sync
+        self._boot = sync.boot_id if sync is not None else boot_id()
+        self._base = 0.0  # the outbox clock is monotonic + this (set at open, per boot)
+        self._base_dirty = False  # a new boot's base, not yet in meta
+        self._boot_key = 0  # the boot id as meta stores it
         self._hwm_path = path.with_name(path.name + ".seq")
+        self._mark_path = path.with_name(path.name + ".mark")
+        self._mark_fd: int | None = None
+        self._db_id: int | None = None  # ties the mark file to this database
+        self._mark_gen = 0  # meta's generation: a mark file of another one is stale
+        self._aside_live = False  # the mark file holds a mark meta does not have yet
+        self._ack_upto: dict[asyncio.Future[None], int] = {}  # ack future -> highest key
         self._writer: sqlite3.Connection | None = None
         self._thread: ThreadPoolExecutor | None = None
         self._reader: aiosqlite.Connection | None = None
@@ -205,11 +247,13 @@ class Outbox:
         self._carry = _Pending()  # acks, dead letters, expiries a failed commit left to redo
         self._failure: StorageError | None = None  # set while commits fail
         self._failing_since: float | None = None  # wall clock
+        self._failing_mono = 0.0
         self._failed_commits = 0
         self._retry = Backoff(settings.retry_initial, settings.retry_max)
         self._retry_at = 0.0  # monotonic: the next attempt while failing
-        self._drops_logged_at: float | None = None  # wall clock of the last drop warning
+        self._drops_logged_at: float | None = None  # monotonic, the last drop warning
         self._drops_unlogged = 0  # dropped since then
+        self._aside_failed = False  # the mark file could not be written (said once)
 
     # ---- lifecycle -------------------------------------------------------
 
@@ -261,11 +305,18 @@ class Outbox:
         db.executescript(_SCHEMA)
         meta = {k: int(v) for k, v in db.execute("SELECT key, value FROM meta")}
         self._mark = self._cursor = meta.get("acked_through", 0)
+        self._open_clock(meta)
+        self._open_mark_file(db, meta)
         if self._mark:  # acknowledged before the last stop: delete them for good now
-            db.execute("DELETE FROM outbox WHERE k <= ?", (self._mark,))
+            try:
+                db.execute("DELETE FROM outbox WHERE k <= ?", (self._mark,))
+            except sqlite3.OperationalError as exc:  # a full disk: they go with a later purge
+                log.warning("outbox %s: cannot delete acknowledged rows yet: %s", self.path, exc)
+                self._unpurged = _PURGE_EVERY
         # This scan reads every page of the table: corruption shows up here, at start.
         rows = db.execute(
-            "SELECT k >> ?, count(*), sum(length(body)) FROM outbox GROUP BY 1", (_SEQ_BITS,)
+            "SELECT k >> ?, count(*), sum(length(body)) FROM outbox WHERE k > ? GROUP BY 1",
+            (_SEQ_BITS, self._mark),
         ).fetchall()
         self._bands = {band: n for band, n, _ in rows}
         self._bytes = sum(size for _, _, size in rows)
@@ -277,6 +328,59 @@ class Outbox:
         # from the reserve in the side file, so a seq is never handed out twice.
         self._next_seq = meta["next_seq"] if "next_seq" in meta else self._read_hwm()
         self._reserved = self._next_seq
+
+    def _open_clock(self, meta: dict[str, int]) -> None:
+        """The outbox clock's base: this boot's, as stored, or a new one from the wall clock."""
+        boot = int.from_bytes(self._boot[:8], "big") >> 1  # fits SQLite's signed integers
+        if meta.get("boot") == boot and "base_us" in meta:
+            self._base = meta["base_us"] / 1e6
+        else:  # the first start in this boot: written with the next commit
+            self._base = self._clock() - self._mono()
+            self._base_dirty = True
+        self._boot_key = boot
+
+    def _open_mark_file(self, db: sqlite3.Connection, meta: dict[str, int]) -> None:
+        """Open (or make, preallocated) the mark file; a mark in it for this database counts."""
+        self._mark_gen = meta.get("mark_gen", 0)
+        self._db_id = meta.get("db_id")
+        try:
+            if self._db_id is None:
+                db_id = secrets.randbits(62) + 1
+                db.execute("INSERT INTO meta (key, value) VALUES ('db_id', ?)", (db_id,))
+                self._db_id = db_id
+            fd = os.open(self._mark_path, os.O_RDWR | os.O_CREAT, _FILE_MODE)
+        except (OSError, sqlite3.OperationalError) as exc:
+            log.warning("outbox %s: no mark file (%s): while the disk is full, the backlog"
+                        " stops after the in-flight window", self.path, exc)
+            return
+        try:
+            if os.fstat(fd).st_size < _MARK_FILE_BYTES:
+                os.pwrite(fd, bytes(_MARK_FILE_BYTES), 0)
+                os.fsync(fd)
+            raw = os.pread(fd, _MARK_RECORD.size + 4, 0)
+        except OSError as exc:
+            os.close(fd)
+            log.warning("outbox %s: no mark file %s (%s): while the disk is full, the backlog"
+                        " stops after the in-flight window", self.path, self._mark_path, exc)
+            return
+        self._mark_fd = fd
+        if len(raw) < _MARK_RECORD.size + 4:
+            return
+        record, crc = raw[:-4], int.from_bytes(raw[-4:], "little")
+        if zlib.crc32(record) != crc:
+            return  # never written (zeros), or torn: meta's mark stands
+        magic, db_id, gen, mark = _MARK_RECORD.unpack(record)
+        if magic == _MARK_MAGIC and db_id == self._db_id and gen == self._mark_gen:
+            if mark > self._mark:
+                self._mark = self._cursor = mark
+            self._aside_live = True  # the next commit puts it in meta
+
+    def _write_mark(self, mark: int) -> None:
+        """Record `mark` in the mark file, in place (writer thread)."""
+        assert self._mark_fd is not None and self._db_id is not None
+        record = _MARK_RECORD.pack(_MARK_MAGIC, self._db_id, self._mark_gen, mark)
+        os.pwrite(self._mark_fd, record + zlib.crc32(record).to_bytes(4, "little"), 0)
+        os.fdatasync(self._mark_fd)
 
     def _read_hwm(self) -> int:
         try:
@@ -299,6 +403,10 @@ class Outbox:
             src = Path(str(self.path) + suffix)
             if src.exists():
                 os.replace(src, Path(str(target) + suffix))
+        try:  # its database is gone: the fresh one starts without a mark
+            self._mark_path.unlink(missing_ok=True)
+        except OSError as exc:
+            log.warning("cannot delete %s: %s", self._mark_path, exc)
         self._prune_moved_aside()
         return target
 
@@ -332,6 +440,9 @@ class Outbox:
             writer = self._writer
             self._writer = None
             await self._in_writer(writer.close)
+        if self._mark_fd is not None:
+            fd, self._mark_fd = self._mark_fd, None
+            os.close(fd)
 
     async def close(self) -> None:
         """Commit what is pending and close the database. Safe to call twice."""
@@ -366,7 +477,10 @@ class Outbox:
                 pass
             self._wake.clear()
             if self._failure is not None and time.monotonic() < self._retry_at:
-                continue  # storage is failing: writes gather until the retry is due
+                # Storage is failing: writes gather until the retry is due, but the
+                # acknowledgements in send order are recorded now.
+                await self._set_aside()
+                continue
             if self.settings.commit_interval > 0 and self._pending:
                 await asyncio.sleep(self.settings.commit_interval)
             if time.monotonic() >= sweep_at:
@@ -375,6 +489,8 @@ class Outbox:
             batch = self._take()
             if batch or self._failure is not None:
                 await self._commit_and_settle(batch)
+                if self._failure is not None:
+                    await self._set_aside()
             else:
                 _settle(batch.waiters, None)  # nothing to write: nothing to wait for
                 _settle(batch.held, None)
@@ -411,25 +527,72 @@ class Outbox:
         self._carry.held.extend(batch.held)
         self._note_failure(error)
 
+    async def _set_aside(self) -> None:
+        """Storage is failing: record the acknowledged-through mark in the mark file.
+
+        Only acknowledgements move it (dead letters and expiries must reach the
+        database); what it covers is finished, as after a commit, so the uplink's
+        window slots come free. The rest waits in the carry for the next commit.
+        """
+        carry, pending = self._carry, self._pending
+        carry.acks += pending.acks
+        carry.dead += pending.dead
+        carry.expired += pending.expired
+        carry.held += pending.held
+        pending.acks, pending.dead, pending.expired, pending.held = [], [], [], []
+        if not carry.acks or self._mark_fd is None:
+            return
+        plan = self._plan(_Pending(acks=list(carry.acks)))
+        if plan.mark <= self._mark:
+            return
+        # Before the write: should this be cut short, the next commit still retires
+        # whatever mark the file got (a new generation), so it never outlives meta's.
+        self._aside_live = True
+        try:
+            await self._in_writer(self._write_mark, plan.mark)
+        except OSError as exc:
+            if not self._aside_failed:
+                log.error("outbox %s: cannot write the mark file %s either: %s; the backlog"
+                          " stops after the in-flight window until storage works again",
+                          self.path, self._mark_path, exc)
+            self._aside_failed = True
+            return
+        self._aside_failed = False
+        self.sent_total += len(plan.covered)
+        self._bytes -= sum(r.size for r in plan.covered)
+        self._unpurged += len(plan.covered)
+        self._mark = plan.mark
+        for row in plan.covered:
+            self._leased.discard(row.key)
+            if self._fetching:
+                self._finished_while_fetching.add(row.key)
+            self._count_band(row.key, -1)
+        carry.acks = [r for r in carry.acks if r.key > plan.mark]
+        done = [f for f in carry.held if self._ack_upto.get(f, plan.mark + 1) <= plan.mark]
+        carry.held = [f for f in carry.held if f not in done]
+        _settle(done, None)
+
     def _note_failure(self, error: StorageError) -> None:
         self._failed_commits += 1
         delay = self._retry.next()
         self._retry_at = time.monotonic() + delay
         if self._failure is None:
             self._failing_since = self._clock()
+            self._failing_mono = self._mono()
             log.error(
-                "%s; storage is failing: new messages are refused (%s) and acknowledgements"
-                " are kept in memory until a commit works again (retrying, at most every"
-                " %.0fs)", error, error.code, self.settings.retry_max,
+                "%s; storage is failing: new messages are refused (%s), acknowledgements"
+                " in send order are recorded in %s, the others kept in memory until a"
+                " commit works again (retrying, at most every %.0fs)",
+                error, error.code, self._mark_path.name, self.settings.retry_max,
             )
         self._failure = error
 
     def _note_success(self, wrote_inserts: bool) -> None:
         if self._failure is not None:
-            since = self._failing_since or self._clock()
             log.warning(
                 "outbox %s: storage works again after %.0fs (%d failed commits);"
-                " accepting messages", self.path, self._clock() - since, self._failed_commits,
+                " accepting messages", self.path, self._mono() - self._failing_mono,
+                self._failed_commits,
             )
             self._failure = None
             self._failing_since = None
@@ -470,14 +633,21 @@ class Outbox:
                     raise _storage_error(self.path, exc) from exc
                 self._reserved = reserve
             plan = self._plan(batch)
+            retire = self._aside_live  # meta takes over the mark file's mark
+            base = self._base_dirty
             try:
                 done = await self._in_writer(
-                    self._write_batch, batch, plan, self._clock(), probe
+                    self._write_batch, batch, plan, self._clock(), probe, retire, base
                 )
             except sqlite3.Error as exc:
                 raise _storage_error(self.path, exc) from exc
         finally:
             self._unsettled_bytes -= batch.insert_bytes
+        if retire:
+            self._mark_gen += 1
+            self._aside_live = False
+        if base:
+            self._base_dirty = False
         # The transaction is durable: bring the in-memory view up to date.
         self._dropped += len(done.evicted) + len(done.skipped)
         self._expired += sum(r.key in done.deleted for r in batch.expired)
@@ -485,7 +655,7 @@ class Outbox:
         self.sent_total += len(plan.covered) + sum(r.key in done.deleted for r in batch.acks)
         self.accepted_total += len(batch.inserts)
         self._bytes += batch.insert_bytes - sum(done.deleted.values())
-        self._bytes -= sum(len(r.body) for r in plan.covered)
+        self._bytes -= sum(r.size for r in plan.covered)
         self._bytes -= sum(done.evicted.values()) + sum(done.skipped.values())
         self._mark = plan.mark
         self._unpurged = 0 if plan.purge_to is not None else self._unpurged + len(plan.covered)
@@ -511,7 +681,7 @@ class Outbox:
     def _log_drops(self, count: int) -> None:
         """Say it the first time, then at most once a minute with the count since."""
         self._drops_unlogged += count
-        now = self._clock()
+        now = self._mono()
         if self._drops_logged_at is None:
             log.warning(
                 "outbox full (%d bytes max): dropped the %d oldest messages",
@@ -559,9 +729,11 @@ class Outbox:
         return _Plan(mark, covered, delete, purge_to)
 
     def _write_batch(
-        self, batch: _Pending, plan: _Plan, now: float, probe: bool = False
+        self, batch: _Pending, plan: _Plan, now: float, probe: bool = False,
+        retire: bool = False, base: bool = False,
     ) -> _Committed:
-        """One transaction, run in the writer thread; `probe` writes even when idle."""
+        """One transaction, run in the writer thread; `probe` writes even when idle,
+        `retire` records the mark file's mark (a new generation), `base` this boot's base."""
         db = self._writer
         assert db is not None
         try:
@@ -605,7 +777,10 @@ class Outbox:
                 "dropped": (self._dropped + len(evicted) + len(skipped), bool(evicted or skipped)),
                 "expired": (self._expired + expired, bool(expired)),
                 "dead": (self._dead + dead, bool(dead)),
-                "acked_through": (plan.mark, plan.mark != self._mark),
+                "acked_through": (plan.mark, plan.mark != self._mark or retire),
+                "mark_gen": (self._mark_gen + 1, retire),
+                "boot": (self._boot_key, base),
+                "base_us": (round(self._base * 1e6), base),
             }
             changed = [(key, value) for key, (value, dirty) in meta.items() if dirty]
             if changed:
@@ -689,7 +864,7 @@ class Outbox:
             rows = await self._reader.execute_fetchall(
                 "SELECT k, topic, exp FROM outbox"
                 " WHERE exp IS NOT NULL AND exp < ? AND k > ? LIMIT 10000",
-                (self._clock(), self._mark),
+                (self._now(), self._mark),
             )
         except sqlite3.Error as exc:
             log.warning("expiry sweep of %s failed: %s", self.path, exc)
@@ -734,14 +909,18 @@ class Outbox:
         """
         if not PRIO_MIN <= prio <= PRIO_MAX:
             raise EnvelopeError(f"prio must be between {PRIO_MIN} and {PRIO_MAX}, got {prio}")
-        now = self._clock() if ts is None else ts
+        wall, mono = self._clock(), self._mono()
+        now = wall if ts is None else ts
+        at = mono - (wall - now)  # the monotonic reading `now` stands for
         if ttl is None and self.settings.default_ttl > 0:
             ttl = self.settings.default_ttl
         exp = now + ttl if ttl else None
         seq = self._next_seq
+        unsynced = self._sync is not None and not self._sync.synced
         env = Envelope(
             id=new_message_id(now), node=self.node, seq=seq, ts=now, topic=topic,
-            ct=ct, data=data, prio=prio, exp=exp,
+            ct=ct, data=data, prio=prio, exp=exp, tsu=unsynced,
+            mono=at if unsynced else None, bootid=self._boot if unsynced else None,
         )
         body = env.encode()
         size = len(body)
@@ -764,7 +943,10 @@ class Outbox:
                 )
         self._next_seq = seq + 1
         route = f"up/{topic}" if route is None else route
-        self._pending.inserts.append((_key(prio, seq), now, exp, route, body))
+        # Stored on the outbox clock: ages and expiry ignore wall-clock steps.
+        stored_ts = at + self._base
+        stored_exp = stored_ts + ttl if ttl else None
+        self._pending.inserts.append((_key(prio, seq), stored_ts, stored_exp, route, body))
         self._pending.insert_bytes += size
         self._unsettled_bytes += size
         return env, self._queue_write()
@@ -781,7 +963,7 @@ class Outbox:
         # later): never read them, even when a rewind sent the cursor to an older mark.
         cursor, rewinds = max(self._cursor, self._mark), self._rewinds
         self._low_insert = None
-        now = self._clock()
+        now = self._now()
         # Nothing is leased until the last read is done: a fetch cancelled between two
         # reads (its connection died) must not leave rows leased that nobody holds.
         self._fetching += 1
@@ -806,7 +988,25 @@ class Outbox:
         if expired:
             self._pending.expired.extend(expired)
             self._wake.set()
+        offset = None if self._sync is None else self._sync.offset
+        if offset is not None:  # synchronised: date again what was accepted before
+            out = [self._dated(row, offset) for row in out]
         return out
+
+    def _dated(self, row: OutRow, offset: float) -> OutRow:
+        """The row with its envelope dated by this boot's synchronised clock, if marked."""
+        if _TSU not in row.body:
+            return row
+        try:  # our own frame, written by encode(): no need for the bounded decoder
+            envelope = cbor2.loads(row.body)
+        except Exception:  # cbor2 raises several unrelated types; send it as it is
+            return row
+        if not isinstance(envelope, dict):
+            return row
+        if not retime(envelope, self._boot, offset):
+            return row  # another boot's: its mark stays
+        return dataclasses.replace(
+            row, body=bytes(cbor2.dumps(envelope)), stored=len(row.body))
 
     async def _read_rows(
         self, db: aiosqlite.Connection, cursor: int, limit: int, out: list[OutRow],
@@ -854,7 +1054,14 @@ class Outbox:
     def ack(self, rows: list[OutRow]) -> asyncio.Future[None]:
         """Delete rows the broker acknowledged; the future resolves once committed."""
         self._pending.acks.extend(rows)
-        return self._queue_write(held=True)
+        fut = self._queue_write(held=True)
+        if rows:  # a mark set aside past its highest key finishes it early
+            self._ack_upto[fut] = max(r.key for r in rows)
+            fut.add_done_callback(self._forget_ack)
+        return fut
+
+    def _forget_ack(self, fut: asyncio.Future[None]) -> None:
+        self._ack_upto.pop(fut, None)
 
     def dead_letter(self, row: OutRow, reason: str) -> asyncio.Future[None]:
         """Move a row the broker refuses to the dead-letter table, with the reason."""
@@ -890,7 +1097,7 @@ class Outbox:
         return QueueStats(
             depth=sum(self._bands.values()),
             bytes=self._bytes,
-            oldest_age=None if oldest is None else max(0.0, self._clock() - oldest),
+            oldest_age=None if oldest is None else max(0.0, self._now() - oldest),
             dropped=self._dropped,
             expired=self._expired,
             dead=self._dead,
@@ -922,6 +1129,10 @@ class Outbox:
             out.append({"seq": seq, "id": msg_id, "topic": topic, "reason": reason,
                         "ts": ts, "dead_ts": dead_ts, "bytes": size})
         return out
+
+    def _now(self) -> float:
+        """The outbox clock: the monotonic clock on this boot's base."""
+        return self._mono() + self._base
 
     def _require_reader(self) -> aiosqlite.Connection:
         if self._reader is None:

@@ -51,6 +51,7 @@ class Reporter:
         self.last_ts: float | None = None
         self._online = asyncio.Event()
         self._last: object = None
+        self._store_failing = False  # said once per streak: a full disk fails every try
 
     def online(self) -> None:
         """A connection is up: publish at once (called by the uplink)."""
@@ -77,9 +78,14 @@ class Reporter:
             await asyncio.to_thread(_write_version, self.path, version)
         except OSError as exc:
             # Publishing on would risk a version that a restart hands out again.
-            log.error("cannot store the reported version in %s: %s; reported state not sent",
-                      self.path, exc.strerror or exc)
+            if not self._store_failing:
+                log.error("cannot store the reported version in %s: %s; reported state not"
+                          " sent until it can be", self.path, exc.strerror or exc)
+            self._store_failing = True
             return False
+        if self._store_failing:
+            log.info("reported version stored again in %s", self.path)
+            self._store_failing = False
         self.version = version
         doc["version"] = version
         if not self._publish(encode(doc)):

@@ -17,6 +17,7 @@ import pytest
 
 from tests.support.agent import Agent, Overrides
 from tests.support.broker import Broker, find_mosquitto
+from tests.support.faketime import find_libfaketime
 from tests.support.localpub import MqttClients
 from tests.support.net import free_port
 from tests.support.netns import Lan, netns_unavailable, sweep_leftovers
@@ -49,6 +50,15 @@ def mosquitto_binary() -> str:
     found = find_mosquitto()
     if found is None:
         skip_missing("mosquitto is not installed (apt-get install mosquitto; scripts/test does)")
+    return found
+
+
+@pytest.fixture(scope="session")
+def libfaketime() -> Path:
+    """The multi-threaded libfaketime; skip (fail on CI, which installs it) when it is missing."""
+    found = find_libfaketime()
+    if found is None:
+        skip_missing("libfaketime is not installed (apt-get install faketime; scripts/test does)")
     return found
 
 

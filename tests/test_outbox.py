@@ -13,9 +13,10 @@ from typing import Any
 
 import pytest
 
+from edge.clock import ClockSync
 from edge.envelope import Envelope
 from edge.errors import EnvelopeError, QueueFull, StorageError
-from edge.outbox import Outbox
+from edge.outbox import Outbox, OutRow
 from edge.settings import QueueSettings
 
 
@@ -29,9 +30,15 @@ class Clock:
 
 @asynccontextmanager
 async def opened(
-    path: Path, clock: Callable[[], float] | None = None, **queue: object
+    path: Path, clock: Callable[[], float] | None = None, *,
+    monotonic: Callable[[], float] | None = None, sync: ClockSync | None = None,
+    **queue: object,
 ) -> AsyncIterator[Outbox]:
-    box = Outbox(path, "node-a", QueueSettings(**queue), clock=clock or Clock())  # type: ignore[arg-type]
+    """An open outbox with its writer running; `clock` is also the monotonic clock unless
+    one is given (moving it moves time as the outbox measures it too)."""
+    clock = clock or Clock()
+    box = Outbox(path, "node-a", QueueSettings(**queue), clock=clock,  # type: ignore[arg-type]
+                 monotonic=monotonic or clock, sync=sync)
     await box.open()
     async with asyncio.TaskGroup() as tg:
         writer = tg.create_task(box.run())
@@ -340,31 +347,88 @@ async def test_a_failed_commit_answers_its_waiters_and_the_writer_goes_on(tmp_pa
     assert [e.data for e in sent] == ["before", "after"]
 
 
-async def test_an_ack_whose_commit_fails_is_kept_and_retried_not_resent(tmp_path: Path) -> None:
+_NO_META = ("CREATE TRIGGER no_meta BEFORE UPDATE ON meta"
+            " BEGIN SELECT RAISE(ABORT, 'disk on fire'); END;"
+            "CREATE TRIGGER no_meta_insert BEFORE INSERT ON meta"
+            " BEGIN SELECT RAISE(ABORT, 'disk on fire'); END;")
+
+
+async def _five_leased_then_meta_fails(box: Outbox, path: Path) -> list[OutRow]:
+    """Five rows in the outbox and leased; from now on no commit can record a mark."""
+    for i in range(5):
+        await box.put("t", f"m{i}", "text/plain")
+    rows = await box.fetch(10)
+    assert len(rows) == 5
+    _set_trigger(path, _NO_META)
+    return rows
+
+
+async def _ack_aside(box: Outbox, rows: list[OutRow]) -> None:
+    """Acknowledge rows while commits fail: the ack finishes once the mark file has it."""
+    acked = box.ack(rows)
+    await _wait_storage(box, failing=True)
+    async with asyncio.timeout(5):
+        await acked
+
+
+async def test_an_ack_whose_commit_fails_is_recorded_aside_and_never_resent(
+    tmp_path: Path,
+) -> None:
     path = tmp_path / "o.db"
     async with opened(path, retry_initial=0.05, retry_max=0.1) as box:
-        for i in range(5):
-            await box.put("t", f"m{i}", "text/plain")
-        rows = await box.fetch(10)
-        assert len(rows) == 5
-        # Recording the acknowledgement (the mark in meta) fails, as on a full disk.
-        _set_trigger(path, "CREATE TRIGGER no_meta BEFORE UPDATE ON meta"
-                           " BEGIN SELECT RAISE(ABORT, 'disk on fire'); END;"
-                           "CREATE TRIGGER no_meta_insert BEFORE INSERT ON meta"
-                           " BEGIN SELECT RAISE(ABORT, 'disk on fire'); END;")
-        acked = box.ack(rows)
-        await _wait_storage(box, failing=True)
+        # Recording the acknowledgement (the mark in meta) fails, as on a full disk:
+        # the mark goes to the mark file instead, and the ack is finished.
+        await _ack_aside(box, await _five_leased_then_meta_fails(box, path))
         await asyncio.sleep(0.3)  # several retries fail meanwhile
-        assert not acked.done(), "the ack's future settled before the ack was recorded"
+        assert box.storage_error is not None
         assert await box.fetch(10) == [], "acknowledged rows were handed out again"
-        _set_trigger(path, "DROP TRIGGER no_meta; DROP TRIGGER no_meta_insert;")
-        async with asyncio.timeout(5):
-            await acked
-        assert box.storage_error is None
         assert (await box.stats()).depth == 0
-        assert await box.fetch(10) == []
+    async with opened(path) as box:  # a restart while the database still fails
+        assert (await box.stats()).depth == 0
+        assert await box.fetch(10) == [], "the mark file's mark was not taken at start"
+    _set_trigger(path, "DROP TRIGGER no_meta; DROP TRIGGER no_meta_insert;")
     async with opened(path) as box:
+        await box.put("t", "after", "text/plain")  # a commit: meta takes over the mark
+    (tmp_path / "o.db.mark").unlink()
+    async with opened(path) as box:
+        assert [e.data for e in await drain(box)] == ["after"]
+
+
+async def test_an_ack_set_aside_then_a_commit_that_works_leaves_nothing_to_resend(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "o.db"
+    async with opened(path, retry_initial=0.05, retry_max=0.1) as box:
+        rows = await _five_leased_then_meta_fails(box, path)
+        await _ack_aside(box, rows[:3])
+        _set_trigger(path, "DROP TRIGGER no_meta; DROP TRIGGER no_meta_insert;")
+        await _wait_storage(box, failing=False)
+        async with asyncio.timeout(5):
+            await box.ack(rows[3:])
         assert (await box.stats()).depth == 0
+    async with opened(path) as box:
+        assert await box.fetch(10) == []
+
+
+def _put_in_place(src: Path, dst: Path) -> None:
+    """Move database `src` (with its -wal and -shm) to `dst`, replacing what is there."""
+    for suffix in ("", "-wal", "-shm"):
+        Path(str(dst) + suffix).unlink(missing_ok=True)
+        if Path(str(src) + suffix).exists():
+            Path(str(src) + suffix).replace(Path(str(dst) + suffix))
+
+
+async def test_a_mark_file_of_another_database_is_ignored(tmp_path: Path) -> None:
+    path, other = tmp_path / "o.db", tmp_path / "other" / "o.db"
+    async with opened(path, retry_initial=0.05, retry_max=0.1) as box:
+        await _ack_aside(box, await _five_leased_then_meta_fails(box, path))  # o.db.mark only
+    async with opened(other) as box:  # another database, its keys below that mark
+        for i in range(3):
+            await box.put("t", f"new{i}", "text/plain")
+    _put_in_place(other, path)  # the mark file stays
+    assert (tmp_path / "o.db.mark").exists()
+    async with opened(path) as box:
+        assert [e.data for e in await drain(box)] == ["new0", "new1", "new2"]
 
 
 async def test_dead_letters_are_capped_newest_kept_and_all_counted(tmp_path: Path) -> None:

@@ -25,14 +25,18 @@ import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from typing import TYPE_CHECKING, Any
 
 from edge.documents import encode
 from edge.errors import ConfigError, DocumentError
+
+# cryptography costs an agent about 7 MiB of memory: it is imported only where a key is
+# used, so an agent with no [state] desired_keys never loads it.
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import (
+        Ed25519PrivateKey,
+        Ed25519PublicKey,
+    )
 
 __all__ = [
     "CONTEXT",
@@ -78,6 +82,8 @@ def key_id(key: Ed25519PublicKey) -> str:
 
 
 def _raw(key: Ed25519PublicKey) -> bytes:
+    from cryptography.hazmat.primitives import serialization
+
     return key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
 
 
@@ -111,6 +117,8 @@ class Keyring:
 
     def verify(self, signed: Signed) -> None:
         """Return if a key of the ring made the signature; SignatureError otherwise."""
+        from cryptography.exceptions import InvalidSignature
+
         key = self._keys.get(signed.kid)
         if key is None:
             raise SignatureError("unknown_key", f"signed by an unknown key (kid {signed.kid};"
@@ -163,6 +171,10 @@ def _read_key_file(path: Path) -> bytes:
 
 def load_signer(path: Path) -> Signer:
     """The registry's Ed25519 private key from a PEM file; ConfigError names the file."""
+    from cryptography.exceptions import UnsupportedAlgorithm
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
     data = _read_key_file(path)
     try:
         key = serialization.load_pem_private_key(data, password=None)
@@ -180,6 +192,10 @@ def load_signer(path: Path) -> Signer:
 
 def load_public_key(path: Path) -> Ed25519PublicKey:
     """An Ed25519 public key from PEM or one base64 line of 32 bytes; ConfigError names it."""
+    from cryptography.exceptions import UnsupportedAlgorithm
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
     data = _read_key_file(path)
     expected = ("expected an Ed25519 public key: PEM (-----BEGIN PUBLIC KEY-----) or one"
                 " line of base64 of its 32 raw bytes")
@@ -210,6 +226,8 @@ def load_keyring(paths: Iterable[Path]) -> Keyring:
 
 def public_key_text(key: Ed25519PublicKey) -> str:
     """The public key as PEM, the form `.pub` files and `[state] desired_keys` take."""
+    from cryptography.hazmat.primitives import serialization
+
     return key.public_bytes(serialization.Encoding.PEM,
                             serialization.PublicFormat.SubjectPublicKeyInfo).decode()
 
@@ -220,6 +238,9 @@ def generate_key(out: Path) -> Signer:
     Neither file may exist: a key is never overwritten (FileExistsError). OSError
     for any other failure.
     """
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
     pub = out.with_name(out.name + ".pub")
     if os.path.lexists(pub):
         raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(pub))

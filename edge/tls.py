@@ -17,12 +17,14 @@ import re
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
-
-from cryptography import x509
-from cryptography.exceptions import UnsupportedAlgorithm
-from cryptography.hazmat.primitives import serialization
+from typing import TYPE_CHECKING
 
 from edge.errors import UplinkError
+
+# cryptography (about 7 MiB of memory) is imported only when a certificate is read:
+# an agent on mqtt:// never loads it.
+if TYPE_CHECKING:
+    from cryptography import x509
 
 __all__ = ["Login", "TlsFiles", "client_context", "explain"]
 
@@ -30,7 +32,6 @@ _MAX_FILE = 1024 * 1024  # PEM files and password files are small: bounded reads
 _PEM_CERT = re.compile(rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.S)
 _PEM_KEY = re.compile(rb"-----BEGIN ([A-Z0-9 ]*)PRIVATE KEY-----.+?-----END \1PRIVATE KEY-----",
                       re.S)
-_SPKI = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
 
 # OpenSSL's verify codes (X509_V_ERR_*) for the broker's certificate.
 _NOT_OUR_CA = {2, 18, 19, 20, 21}  # issuer unknown, self-signed, not in the CA file
@@ -110,6 +111,8 @@ def _certificates(data: bytes, name: str, path: Path) -> list[x509.Certificate]:
     if not blocks:
         raise UplinkError(f"{name} {path}: no PEM certificate in it"
                           " (expected -----BEGIN CERTIFICATE-----)")
+    from cryptography import x509
+
     try:
         return [x509.load_pem_x509_certificate(block) for block in blocks]
     except ValueError as exc:
@@ -130,6 +133,10 @@ def _check_dates(cert: x509.Certificate, name: str, path: Path,
 
 def _check_key(files: TlsFiles, leaf: x509.Certificate) -> Path:
     """Read the private key and check it belongs to the certificate; return its path."""
+    from cryptography.exceptions import UnsupportedAlgorithm
+    from cryptography.hazmat.primitives import serialization
+
+    spki = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
     assert files.cert_file is not None
     path = files.key_file or files.cert_file
     name = files.names[2] if files.key_file else files.names[1]
@@ -144,7 +151,7 @@ def _check_key(files: TlsFiles, leaf: x509.Certificate) -> Path:
         key = serialization.load_pem_private_key(match.group(0), password=None)
     except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
         raise UplinkError(f"{name} {path}: the private key cannot be read: {exc}") from exc
-    if key.public_key().public_bytes(*_SPKI) != leaf.public_key().public_bytes(*_SPKI):
+    if key.public_key().public_bytes(*spki) != leaf.public_key().public_bytes(*spki):
         raise UplinkError(f"{name} {path}: this key does not belong to the certificate in"
                           f" {files.names[1]} {files.cert_file} (their public keys differ)")
     return path

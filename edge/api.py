@@ -15,6 +15,7 @@ import grp
 import json
 import logging
 import os
+import stat
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -189,6 +190,10 @@ class ApiServer:
         _check_socket_dir(self.path.parent)
         gid = _group_id(self.group)
         if self.path.exists() or self.path.is_symlink():
+            if not self.path.is_symlink() and not stat.S_ISSOCK(self.path.stat().st_mode):
+                # A file given as [api] socket by mistake: never deleted to make room.
+                raise EdgeError(f"[api] socket {self.path} exists and is not a socket;"
+                                " refusing to replace it")
             if await _answers(self.path):
                 raise EdgeError(f"another agent is already serving {self.path}")
             self.path.unlink()
@@ -455,11 +460,11 @@ def _check_socket_dir(directory: Path) -> None:
         raise EdgeError(f"socket directory {directory}: {exc.strerror}") from exc
     if not directory.is_dir():
         raise EdgeError(f"socket directory {directory} is not a directory")
-    if info.st_uid not in (os.geteuid(), 0) or info.st_mode & 0o002:
+    if info.st_uid not in (os.geteuid(), 0) or info.st_mode & 0o022:
         raise EdgeError(
-            f"socket directory {directory} is writable by others or owned by another user:"
-            " anyone could replace the socket; use a directory only this user can write"
-            " ([api] socket)"
+            f"socket directory {directory} is writable by its group or others, or owned by"
+            " another user: they could replace the socket; use a directory only this user"
+            " can write ([api] socket; give access with [api] group instead)"
         )
 
 

@@ -119,10 +119,11 @@ async def test_connections_past_the_cap_are_told_busy_and_the_rest_served(
         await server.close()
 
 
-def test_agent_refuses_a_socket_directory_others_can_write(tmp_path: Path) -> None:
+@pytest.mark.parametrize("mode", [0o777, 0o770])
+def test_agent_refuses_a_socket_directory_others_can_write(tmp_path: Path, mode: int) -> None:
     shared = tmp_path / "shared"
     shared.mkdir()
-    os.chmod(shared, 0o777)
+    os.chmod(shared, mode)  # 0770: a member of the group could swap the socket too
     config = tmp_path / "a.toml"
     config.write_text(
         f'[node]\nid = "n"\ndata_dir = "{tmp_path / "data"}"\n'
@@ -134,7 +135,7 @@ def test_agent_refuses_a_socket_directory_others_can_write(tmp_path: Path) -> No
     )
     assert proc.returncode == 1
     assert f"socket directory {shared}" in proc.stderr
-    assert "writable by others" in proc.stderr
+    assert "writable by its group or others" in proc.stderr
     assert "Traceback" not in proc.stderr
 
 
@@ -214,3 +215,21 @@ def test_sigterm_with_clients_connected_and_publishes_in_flight_stops_cleanly(
     assert "stopped" in tail
     for bad in ("ERROR", "Traceback", "CancelledError", "never awaited", "RuntimeWarning"):
         assert bad not in tail, f"{bad!r} in the log at shutdown:\n{tail[-3000:]}"
+
+
+def test_a_socket_path_that_is_a_regular_file_is_refused_not_deleted(tmp_path: Path) -> None:
+    important = tmp_path / "important.txt"
+    important.write_text("keep me")
+    config = tmp_path / "a.toml"
+    config.write_text(
+        f'[node]\nid = "n"\ndata_dir = "{tmp_path / "data"}"\n'
+        f'[api]\nsocket = "{important}"\n[telemetry]\ninterval = "0s"\n'
+        '[discovery]\nenabled = false\n[local]\nurl = ""\n'
+    )
+    proc = subprocess.run(
+        [sys.executable, "-m", "edge", "run", "--config", str(config)],
+        capture_output=True, text=True, timeout=30,
+    )
+    assert proc.returncode == 1
+    assert f"[api] socket {important} exists and is not a socket" in proc.stderr
+    assert important.read_text() == "keep me"

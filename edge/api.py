@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from edge.errors import (
+    ConfigError,
     EdgeError,
     EnvelopeError,
     MessageTooLarge,
@@ -30,7 +31,8 @@ from edge.errors import (
 )
 
 __all__ = [
-    "ApiServer", "Handler", "Stream", "Submit", "parse_publish", "parse_request", "validate_topic",
+    "ApiServer", "Handler", "Stream", "Submit", "group_id", "parse_publish", "parse_request",
+    "validate_topic",
 ]
 
 log = logging.getLogger("edge.api")
@@ -188,7 +190,7 @@ class ApiServer:
     async def start(self) -> None:
         """Bind the socket (mode 0660, group [api] group); a stale socket file is replaced."""
         _check_socket_dir(self.path.parent)
-        gid = _group_id(self.group)
+        gid = group_id(self.group)
         if self.path.exists() or self.path.is_symlink():
             if not self.path.is_symlink() and not stat.S_ISSOCK(self.path.stat().st_mode):
                 # A file given as [api] socket by mistake: never deleted to make room.
@@ -439,8 +441,8 @@ async def _discard_line(reader: asyncio.StreamReader, chunk: int) -> None:
             return
 
 
-def _group_id(group: str) -> int | None:
-    """The gid of `group` (a name or a number); None for ""."""
+def group_id(group: str) -> int | None:
+    """The gid of `group` (a name or a number); None for ""; ConfigError when unknown."""
     if not group:
         return None
     if group.isdigit():
@@ -448,7 +450,7 @@ def _group_id(group: str) -> int | None:
     try:
         return grp.getgrnam(group).gr_gid
     except KeyError:
-        raise EdgeError(f"[api] group: no such group {group!r}") from None
+        raise ConfigError(f"[api] group: no such group {group!r}") from None
 
 
 def _check_socket_dir(directory: Path) -> None:

@@ -194,6 +194,18 @@ def _run(args: argparse.Namespace) -> int:
 
 def _config_check(path: Path) -> int:
     settings = load_settings(path, must_exist=True)
+    # What `edge run` checks at start besides the file: the keys load, the group exists.
+    from edge.api import group_id
+    from edge.signing import load_keyring
+
+    try:
+        load_keyring(settings.state.desired_keys)
+    except ConfigError as exc:
+        raise ConfigError(f"config {settings.source}: [state] desired_keys: {exc}") from exc
+    try:
+        group_id(settings.api.group)
+    except ConfigError as exc:
+        raise ConfigError(f"config {settings.source}: {exc}") from exc
     _say(f"{path}: ok (node {settings.node.id}, uplink {settings.uplink.url or 'none'})")
     return EXIT_OK
 

@@ -69,3 +69,30 @@ def test_services_get_none_of_the_agents_environment(
     assert "EDGE_TEST_SECRET" not in env and "NOTIFY_SOCKET" not in env
     assert env["EDGE_NODE_ID"] == "node-a"
     assert env["EDGE_API_SOCKET"] == str(agent.socket_path)
+
+
+def test_config_check_refuses_what_run_would_refuse(tmp_path: Path) -> None:
+    from tests.test_cli import edge
+
+    bad_key = tmp_path / "registry.pub"
+    bad_key.write_text("not a key\n")
+    for text, message in (
+        ('[api]\ngroup = "no-such-group-edge"\n', "[api] group: no such group"),
+        (f'[state]\ndesired_keys = ["{bad_key}"]\n', "[state] desired_keys: "),
+        (f'[state]\ndesired_keys = ["{tmp_path / "missing.pub"}"]\n',
+         "[state] desired_keys: "),
+    ):
+        config = tmp_path / "agent.toml"
+        config.write_text(text)
+        done = edge("config", "check", str(config))
+        assert done.returncode == 2, (text, done.stderr)
+        assert f"config {config}: {message}" in done.stderr
+
+
+def test_an_unknown_socket_group_is_a_config_error_exit_2(agent_factory: AgentFactory) -> None:
+    import subprocess
+
+    agent = agent_factory(overrides={"api": {"group": "no-such-group-edge"}}, start=False)
+    done = subprocess.run([sys.executable, "-m", "edge", "run", "--config",
+                           str(agent.config_path)], capture_output=True, text=True, timeout=30)
+    assert done.returncode == 2, done.stderr  # RestartPreventExitStatus=2: no restart loop

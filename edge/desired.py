@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import os
 import time
@@ -66,6 +67,7 @@ class DesiredState:
         self.applied_ts: float | None = None
         self.items: Items = {}
         self.rejected: dict[str, Any] | None = None  # the last refused document and why
+        self._rejected_digest: bytes | None = None  # its hash: the same one again is not news
         self.ignored = 0              # documents not newer than the applied one
         self.changes = 0              # grows at each change the reported state shows
         self.rejections = Rejections(log, "desired")
@@ -112,14 +114,14 @@ class DesiredState:
                     and refused.version <= self._newest():
                 self.ignored += 1  # an old document, bad or not: not news
                 return None
-            self._reject(refused.kind, refused.version, refused.reason)
+            self._reject(refused.kind, refused.version, refused.reason, payload)
             return None
         newest = self._newest()
         if desired.version <= newest:
             if self._keys is not None and self._newest_doc != (desired.version, doc):
                 # Signed once, so it is genuine, but old: someone sends it again.
-                self._reject("replayed", desired.version, f"replayed: version"
-                             f" {desired.version} is not above applied {newest}")
+                self._reject("replayed", desired.version, f"replayed: version {desired.version}"
+                             f" is not above applied {newest}", payload)
                 return None
             self.ignored += 1  # without keys; or the retained copy of the newest, again
             log.debug("desired state version %d ignored: version %d is applied", desired.version,
@@ -180,10 +182,12 @@ class DesiredState:
         return max(self.applied, self._applying,
                    self._pending[0].version if self._pending else 0)
 
-    def _reject(self, kind: str, version: int | None, reason: str) -> None:
-        if self.rejected is not None and self.rejected.get("version") == version \
-                and self.rejected.get("reason") == reason:
-            return  # the retained copy again, at a reconnect: said already
+    def _reject(self, kind: str, version: int | None, reason: str,
+                payload: bytes | None = None) -> None:
+        digest = None if payload is None else hashlib.blake2b(payload, digest_size=16).digest()
+        if digest is not None and digest == self._rejected_digest:
+            return  # the very same document again (the retained copy, at a reconnect)
+        self._rejected_digest = digest
         self.rejected = {"version": version, "reason": reason, "ts": self._clock()}
         self.changes += 1
         self.rejections(kind, f"version {version}: {reason}")

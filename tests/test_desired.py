@@ -75,6 +75,16 @@ async def test_huge_or_garbage_documents_are_refused_before_decoding(tmp_path: P
     assert state.rejections.counts == {"invalid": 2}
 
 
+async def test_each_different_bad_document_is_counted_even_with_the_same_reason(
+        tmp_path: Path) -> None:
+    state = DesiredState(tmp_path / "desired.cbor", Recorder(), max_bytes=1024)
+    for i in range(5):  # five different payloads that fail the same way
+        assert state.receive(b"\xff" + bytes([i])) is None
+    assert state.rejections.counts == {"invalid": 5}
+    assert state.receive(b"\xff\x04") is None  # the same one again: the retained copy
+    assert state.rejections.counts == {"invalid": 5}
+
+
 async def test_a_document_that_cannot_be_stored_is_not_applied_nor_acknowledged(
     tmp_path: Path,
 ) -> None:

@@ -127,7 +127,10 @@ def _check_dates(cert: x509.Certificate, name: str, path: Path,
                           " (it is read again at every reconnect)")
     if now < cert.not_valid_before_utc:
         raise UplinkError(f"{name} {path}: the certificate is not valid before "
-                          f"{_stamp(cert.not_valid_before_utc)} (now {_stamp(now)});"
+                          # The day, not the second: the message (warned once while it
+                          # stays the same) must not change at every attempt.
+                          f"{_stamp(cert.not_valid_before_utc)} (the device's clock says"
+                          f" {now:%Y-%m-%d});"
                           " is this device's clock right?")
 
 

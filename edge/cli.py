@@ -432,7 +432,9 @@ def _status_table(s: dict[str, Any]) -> str:
         rows.append(("desired", line))
         rejected = desired.get("rejected")
         if rejected:
-            rows.append(("rejected", f"desired version {rejected.get('version')}:"
+            which = ("a desired document" if rejected.get("version") is None
+                     else f"desired version {rejected['version']}")
+            rows.append(("rejected", f"{which}:"
                                      f" {rejected.get('reason')}"))
     d, peers = s.get("discovery"), s.get("peers")
     if d is not None:

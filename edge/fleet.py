@@ -2,7 +2,9 @@
 
 A device has none of the registry's dependencies, so this talks HTTP with
 urllib. The registry is `--registry URL`, else `$EDGE_REGISTRY`, else
-`[fleet] registry` of the config file, else http://127.0.0.1:8080.
+`[fleet] registry` of the config file, else http://127.0.0.1:8080. A registry
+with an API token gets it from the first line of `--token-file FILE`, else of
+`$EDGE_REGISTRY_TOKEN_FILE`.
 Exit codes: 0 ok, 1 the registry failed or is unreachable, 2 usage or a
 request the registry refused (an invalid document, an unknown node).
 """
@@ -53,6 +55,9 @@ def add_fleet_parser(sub: Any) -> None:
                         f" the config file, else {DEFAULT_REGISTRY})")
     common.add_argument("--config", type=Path, metavar="FILE", default=argparse.SUPPRESS,
                         help=f"config file (default {_DEFAULT_CONFIG})")
+    common.add_argument("--token-file", type=Path, metavar="FILE", default=argparse.SUPPRESS,
+                        help="the registry's API token is the first line of FILE (default:"
+                        " $EDGE_REGISTRY_TOKEN_FILE, else none)")
     common.add_argument("--timeout", type=_seconds, metavar="SECONDS", default=argparse.SUPPRESS,
                         help="give up when the registry does not answer within this"
                         " (default 10)")
@@ -113,7 +118,8 @@ def _label(text: str) -> tuple[str, str]:
 def _run(args: argparse.Namespace,
          command: Callable[[argparse.Namespace, _Registry], int]) -> int:
     try:
-        return command(args, _Registry(_registry_url(args), getattr(args, "timeout", 10.0)))
+        return command(args, _Registry(_registry_url(args), getattr(args, "timeout", 10.0),
+                                       _token(args)))
     except _Failed as exc:
         print(f"edge: {exc}", file=sys.stderr)
         return exc.code
@@ -216,6 +222,30 @@ def _registry_url(args: argparse.Namespace) -> str:
     return url.rstrip("/")
 
 
+def _token(args: argparse.Namespace) -> tuple[str, str] | None:
+    """(token, where it came from) from --token-file or $EDGE_REGISTRY_TOKEN_FILE, or None."""
+    path: Path | None = getattr(args, "token_file", None)
+    source = "--token-file"
+    if path is None and os.environ.get("EDGE_REGISTRY_TOKEN_FILE"):
+        path, source = Path(os.environ["EDGE_REGISTRY_TOKEN_FILE"]), "EDGE_REGISTRY_TOKEN_FILE"
+    if path is None:
+        return None
+    try:
+        with path.open("rb") as f:
+            first = f.readline(8192)
+    except OSError as exc:
+        raise _Failed(f"{source} {path}: cannot read: {exc.strerror or exc}",
+                      _EXIT_USAGE) from exc
+    try:
+        token = first.decode("ascii").strip()
+    except UnicodeDecodeError:
+        token = ""
+    if not token or not token.isprintable() or " " in token:
+        raise _Failed(f"{source} {path}: expected the registry's API token on the first line"
+                      " (printable ASCII, no spaces)", _EXIT_USAGE)
+    return token, f"{source} {path}"
+
+
 def _configured_registry(path: Path, must_exist: bool) -> str | None:
     try:
         with path.open("rb") as f:
@@ -245,14 +275,17 @@ def _configured_registry(path: Path, must_exist: bool) -> str | None:
 class _Registry:
     """The registry's HTTP API: JSON in, JSON out, its errors as `_Failed`."""
 
-    def __init__(self, url: str, timeout: float) -> None:
+    def __init__(self, url: str, timeout: float, token: tuple[str, str] | None = None) -> None:
         self.url = url
         self.timeout = timeout
+        self._token = token
 
     def request(self, method: str, path: str, body: Any = None) -> Any:
         data = None if body is None else json.dumps(body).encode()
         req = urllib.request.Request(self.url + path, data=data, method=method)
         req.add_header("Accept", "application/json")
+        if self._token is not None:
+            req.add_header("Authorization", f"Bearer {self._token[0]}")
         if data is not None:
             req.add_header("Content-Type", "application/json")
         try:
@@ -278,6 +311,16 @@ class _Registry:
             error = json.loads(raw)["error"]
             code, message = str(error["code"]), str(error["message"])
         except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+            code = message = ""
+        if exc.code == 401:
+            if self._token is None:
+                return _Failed(f"registry {self.url} needs its API token: give the file it is"
+                               " in (its first line) with --token-file FILE or"
+                               " $EDGE_REGISTRY_TOKEN_FILE", _EXIT_USAGE)
+            return _Failed(f"registry {self.url} refused the API token of {self._token[1]}:"
+                           f" {_cell(message or 'unauthorized', 200)}; is it the registry's"
+                           " --api-token-file?", _EXIT_USAGE)
+        if not code:
             return _Failed(f"registry {self.url}: {method} {path}: HTTP {exc.code}"
                            f" {exc.reason}: {_brief(raw)}", _EXIT_FAIL)
         # A 4xx with the API's error object is our request the registry refused.

@@ -27,10 +27,11 @@ _CONSOLE_SCRIPT = Path(sys.executable).with_name("edge")
 
 def fleet(*args: str, stdin: str | None = None, env: dict[str, str] | None = None,
           timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
-    """Run the installed `edge fleet ARGS...`; EDGE_REGISTRY only when `env` gives it."""
+    """Run the installed `edge fleet ARGS...`; EDGE_REGISTRY(_TOKEN_FILE) only from `env`."""
     command = [str(_CONSOLE_SCRIPT)] if _CONSOLE_SCRIPT.exists() else [sys.executable, "-m",
                                                                        "edge"]
-    environ = {k: v for k, v in os.environ.items() if k != "EDGE_REGISTRY"}
+    environ = {k: v for k, v in os.environ.items()
+               if k not in ("EDGE_REGISTRY", "EDGE_REGISTRY_TOKEN_FILE")}
     environ.update(env or {})
     return subprocess.run([*command, "fleet", *args], input=stdin, capture_output=True,
                           text=True, timeout=timeout, env=environ,
@@ -227,3 +228,56 @@ def test_usage_errors_exit_2(tmp_path: Path) -> None:
     assert fleet("ls", "--label", "nolabel").returncode == 2
     missing = fleet("ls", "--config", str(tmp_path / "none.toml"))
     assert missing.returncode == 2 and "none.toml" in missing.stderr
+
+
+TOKEN = "fleet-token-0123456789abcdef"
+
+
+@pytest.fixture
+def locked(cloud: Broker, registry_factory: RegistryFactory, tmp_path: Path,
+           sim_nodes: SimNodes) -> tuple[Registry, Path]:
+    """A registry with --api-token-file that knows n1, and that token file."""
+    token = tmp_path / "api-token"
+    token.write_text(TOKEN + "\n")
+    reg = registry_factory(cloud, f"sqlite://{tmp_path / 'locked.db'}",
+                           extra=["--api-token-file", str(token)])
+    sim_nodes(cloud.port, "n1").reported(1)
+    wait_until(lambda: "n1" in fleet("ls", "--registry", reg.url, "--token-file",
+                                     str(token)).stdout, 10, what="n1 in the registry")
+    return reg, token
+
+
+def test_ls_with_a_token_file_reads_a_registry_with_a_token(
+    locked: tuple[Registry, Path], tmp_path: Path,
+) -> None:
+    reg, token = locked
+    done = fleet("ls", "--json", "--registry", reg.url, "--token-file", str(token))
+    assert done.returncode == 0, done.stderr
+    assert [n["node"] for n in json.loads(done.stdout)] == ["n1"]
+    by_env = fleet("show", "n1", "--registry", reg.url,
+                   env={"EDGE_REGISTRY_TOKEN_FILE": str(token)})
+    assert by_env.returncode == 0, by_env.stderr
+    document = tmp_path / "web.json"
+    document.write_text(json.dumps({"services": {"web": {"command": ["sleep", "60"]}}}))
+    put = fleet("desired", "n1", str(document), "--registry", reg.url, "--token-file",
+                str(token))
+    assert put.returncode == 0 and "n1: desired version" in put.stdout, put.stderr
+
+
+def test_without_the_token_fleet_says_how_to_give_it(
+    locked: tuple[Registry, Path], tmp_path: Path,
+) -> None:
+    reg, _ = locked
+    done = fleet("ls", "--registry", reg.url)
+    assert done.returncode == 2
+    assert done.stderr.strip() == (
+        f"edge: registry {reg.url} needs its API token: give the file it is in (its first"
+        " line) with --token-file FILE or $EDGE_REGISTRY_TOKEN_FILE")
+    wrong = tmp_path / "wrong"
+    wrong.write_text("not-the-token-0123456789\n")
+    done = fleet("ls", "--registry", reg.url, "--token-file", str(wrong))
+    assert done.returncode == 2
+    assert f"refused the API token of --token-file {wrong}" in done.stderr
+    assert "not-the-token" not in done.stderr
+    missing = fleet("ls", "--registry", reg.url, "--token-file", str(tmp_path / "none"))
+    assert missing.returncode == 2 and "cannot read" in missing.stderr

@@ -27,7 +27,18 @@ def add_registry_parser(sub: Any) -> None:
                        help="sqlite:///PATH or postgresql://user:pass@host:port/db (default"
                             " sqlite:///var/lib/edge-registry/registry.db)")
     serve.add_argument("--http", default="127.0.0.1:8080", metavar="HOST:PORT",
-                       help="where the HTTP API and dashboard listen (default 127.0.0.1:8080)")
+                       help="where the HTTP API and dashboard listen (default 127.0.0.1:8080;"
+                            " any other than a loopback address needs --api-token-file)")
+    serve.add_argument("--api-token-file", type=Path, metavar="FILE",
+                       help="every /api/v1 request and the dashboard need the token on the"
+                            " first line of FILE (never on the command line):"
+                            " Authorization: Bearer TOKEN")
+    serve.add_argument("--allow-host", action="append", default=[], metavar="NAME",
+                       help="a Host name (or NAME:PORT) the HTTP API answers besides the"
+                            " --http address and localhost; repeatable (default none)")
+    serve.add_argument("--insecure-no-token", action="store_true",
+                       help="run a non-loopback --http without --api-token-file: anyone who"
+                            " reaches the port can change every node's desired state")
     serve.add_argument("--prefix", default="edge/v1", help="topic prefix (default edge/v1)")
     serve.add_argument("--client-id", metavar="ID",
                        help="MQTT client id, unique per worker (default edge-registry-HOST-PID)")
@@ -103,10 +114,12 @@ def _settings(args: argparse.Namespace) -> Any:
     from edge.registry.health import HealthPolicy
     from edge.registry.settings import (
         RegistrySettings,
+        check_allow_host,
         check_prefix,
         check_share_group,
         default_db_url,
         parse_http,
+        read_api_token,
     )
     from edge.registry.store import check_db_url
     from edge.units import parse_duration
@@ -159,6 +172,12 @@ def _settings(args: argparse.Namespace) -> Any:
     )
     reconnect_max = flag("--reconnect-max", duration, args.reconnect_max)
     share_group = flag("--share-group", check_share_group, args.share_group)
+    if args.insecure_no_token and args.api_token_file:
+        raise ValueError("--insecure-no-token: leave it out with --api-token-file")
+    api_token = "" if args.api_token_file is None else flag(
+        "--api-token-file", read_api_token, args.api_token_file)
+    allow_hosts = tuple(flag("--allow-host", check_allow_host, name)
+                        for name in args.allow_host)
     return RegistrySettings(
         share_group=share_group,
         broker_host=broker_host, broker_port=broker_port, db_url=db_url,
@@ -168,7 +187,8 @@ def _settings(args: argparse.Namespace) -> Any:
         catchup_max=flag("--catchup-max", duration, args.catchup_max),
         broker_tls=scheme == "mqtts", ca_file=args.ca_file, cert_file=args.cert_file,
         key_file=args.key_file, username=args.username, password_file=args.password_file,
-        signing_key=args.signing_key,
+        signing_key=args.signing_key, api_token=api_token, allow_hosts=allow_hosts,
+        insecure_no_token=args.insecure_no_token,
     )
 
 

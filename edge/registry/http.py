@@ -1,14 +1,25 @@
-"""The registry's HTTP API (docs/registry.md, HTTP API) and the dashboard's two pages."""
+"""The registry's HTTP API (docs/registry.md, HTTP API) and the dashboard's two pages.
+
+Every request passes `_guard` first (docs/registry.md, Access to the API): its
+Host must be one of the registry's names (DNS rebinding), it must carry the
+token when one is set, and a write must come with JSON from no foreign Origin.
+"""
 
 from __future__ import annotations
 
+import base64
+import binascii
+import hmac
 import json
+import logging
 import re
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
+from urllib.parse import urlsplit
 
-from aiohttp import web
+from aiohttp import hdrs, web
+from aiohttp.typedefs import Middleware
 
 from edge.documents import parse_desired
 from edge.errors import DocumentError, RegistryError
@@ -19,10 +30,16 @@ from edge.registry.ingest import IngestStats
 from edge.registry.settings import db_url_for_humans
 from edge.registry.store import Store
 from edge.registry.view import node_detail, node_summary
+from edge.rejections import Rejections
 
 __all__ = ["Api", "make_app"]
 
+log = logging.getLogger("edge.registry.http")
+
 _NODE = re.compile(r"[A-Za-z0-9_-]{1,64}")
+_SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+_REFUSALS = ("bad_host", "unauthorized", "bad_origin", "unsupported_media_type")
+_REALM = 'realm="edge registry"'
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -69,7 +86,7 @@ class Api:
 
     def __init__(self, store: Store, publisher: DesiredPublisher, stats: IngestStats, *,
                  policy: HealthPolicy, db_url: str, broker_online: Callable[[], bool],
-                 max_body: int) -> None:
+                 max_body: int, hosts: frozenset[str], token: str = "") -> None:
         self.store = store
         self.publisher = publisher
         self.stats = stats
@@ -77,6 +94,76 @@ class Api:
         self.db_url = db_url_for_humans(db_url)
         self.broker_online = broker_online
         self.max_body = max_body
+        self.hosts = hosts
+        self._token = token.encode()
+        self.refused = Rejections(log, "HTTP request")
+
+    # --- who may ask what ---------------------------------------------------------------
+
+    def _token_in(self, request: web.Request, *, basic: bool) -> bool | None:
+        """Whether the request has the token (None: it has no credentials at all)."""
+        scheme, _, value = request.headers.get(hdrs.AUTHORIZATION, "").strip().partition(" ")
+        value = value.strip()
+        if scheme.lower() == "bearer" and value:
+            given = value
+        elif basic and scheme.lower() == "basic" and value:
+            try:
+                given = base64.b64decode(value, validate=True).decode("utf-8").partition(":")[2]
+            except (binascii.Error, UnicodeDecodeError):
+                return False
+        else:
+            return None
+        return hmac.compare_digest(given.encode("utf-8", "replace"), self._token)
+
+    def authorized(self, request: web.Request) -> bool:
+        """No token is set, or the request has it (Bearer, or Basic's password)."""
+        return not self._token or self._token_in(request, basic=True) is True
+
+    def _refuse(self, request: web.Request, status: int, code: str, message: str,
+                headers: dict[str, str] | None = None) -> web.Response:
+        path = request.path if len(request.path) <= 100 else request.path[:99] + "…"
+        self.refused(code, f"{request.method} {path!r} from {request.remote or 'unknown'}:"
+                           f" {message}")
+        response = _error(status, code, message)
+        response.headers.update(headers or {})
+        return response
+
+    def refusal(self, request: web.Request) -> web.Response | None:
+        """The answer to a request that may not go on, None for one that may."""
+        host = request.headers.get(hdrs.HOST, "").lower()
+        if host not in self.hosts:
+            name = _host_name(host)
+            why = (f"Host {host[:100]!r}: not a name of this registry (its --http address,"
+                   " localhost, or an --allow-host NAME)" if host else "no Host header")
+            if name:
+                why += f"; if its clients do call it {name}, start it with --allow-host {name}"
+            return self._refuse(request, 421, "bad_host", why)
+        api = request.path.startswith("/api/")
+        if self._token and request.path != "/healthz":
+            has = self._token_in(request, basic=not api)
+            if has is not True:
+                # A browser asks for Basic (the token as the password) on the dashboard only:
+                # its cached credentials must never authorize a write another site starts.
+                challenge = f"Bearer {_REALM}" if api else f"Basic {_REALM}, charset=\"UTF-8\""
+                return self._refuse(
+                    request, 401, "unauthorized",
+                    ("the API token is wrong" if has is False else
+                     "this registry needs its API token: Authorization: Bearer TOKEN (edge"
+                     " fleet: --token-file FILE or $EDGE_REGISTRY_TOKEN_FILE)")
+                    + ("" if api else "; in a browser, any user name and the token as the"
+                                      " password"),
+                    {hdrs.WWW_AUTHENTICATE: challenge})
+        if request.method not in _SAFE_METHODS:
+            origin = request.headers.get(hdrs.ORIGIN)
+            if origin is not None and _origin_host(origin) not in self.hosts:
+                return self._refuse(request, 403, "bad_origin",
+                                    f"Origin {origin[:100]!r}: a write from another site")
+            if request.content_type != "application/json":
+                return self._refuse(
+                    request, 415, "unsupported_media_type",
+                    f"Content-Type {request.content_type[:100]!r}: expected"
+                    " application/json")
+        return None
 
     async def _summaries(self, request: web.Request) -> list[dict[str, Any]]:
         now = time.time()
@@ -174,18 +261,26 @@ class Api:
         return web.json_response({
             "documents": self.stats.documents,
             "rejected": {k: counts.get(k, 0) for k in ("invalid", "spoofed", "older")},
+            "refused": {k: self.refused.counts.get(k, 0) for k in _REFUSALS},
             "nodes": await self.store.count(),
         })
 
     async def healthz(self, request: web.Request) -> web.Response:
+        # Open to monitors without the token: then it leaves out where the database is.
+        detail = self.authorized(request)
         broker = "online" if self.broker_online() else "offline"
         try:
             await self.store.count()
         except RegistryError as exc:
-            return web.json_response({"ok": False, "broker": broker, "db": self.db_url,
-                                      "error": str(exc)}, status=503)
-        return web.json_response({"ok": True, "broker": broker, "db": self.db_url,
-                                  "signing_key": self.publisher.signing_kid})
+            failed: dict[str, Any] = {"ok": False, "broker": broker}
+            failed.update({"db": self.db_url, "error": str(exc)} if detail
+                          else {"error": "the database does not answer"})
+            return web.json_response(failed, status=503)
+        answer: dict[str, Any] = {"ok": True, "broker": broker}
+        if detail:
+            answer["db"] = self.db_url
+        answer["signing_key"] = self.publisher.signing_kid
+        return web.json_response(answer)
 
     async def fleet_page(self, request: web.Request) -> web.Response:
         health = request.query.get("health") or None
@@ -211,9 +306,32 @@ class Api:
                             content_type="text/html")
 
 
+def _host_name(host: str) -> str:
+    """The Host header's name without the port, for a message ("" when there is none)."""
+    name = host.rsplit(":", 1)[0] if re.search(r":[0-9]*$", host) else host
+    return name if re.fullmatch(r"\[[0-9a-f:.]+\]|[a-z0-9.-]{1,253}", name) else ""
+
+
+def _origin_host(origin: str) -> str:
+    """HOST[:PORT] of an Origin header as a Host header has it ("" for "null" and junk)."""
+    try:
+        parts = urlsplit(origin)
+    except ValueError:
+        return ""
+    return parts.netloc.lower() if parts.scheme in ("http", "https") else ""
+
+
+def _guard(api: Api) -> Middleware:
+    @web.middleware
+    async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
+        refusal = api.refusal(request)
+        return refusal if refusal is not None else await handler(request)
+    return guard
+
+
 def make_app(api: Api) -> web.Application:
     """The aiohttp application with every route."""
-    app = web.Application(middlewares=[_errors], client_max_size=api.max_body)
+    app = web.Application(middlewares=[_guard(api), _errors], client_max_size=api.max_body)
     app.router.add_get("/api/v1/nodes", api.list_nodes)
     app.router.add_get("/api/v1/nodes/{node}", api.get_node)
     app.router.add_put("/api/v1/nodes/{node}/desired", api.put_desired)

@@ -48,7 +48,8 @@ async def serve(settings: RegistrySettings, stop: asyncio.Event) -> None:
         publisher = DesiredPublisher(store, ingest.publish, settings.prefix, signer=signer)
         api = Api(store, publisher, ingest.stats, policy=settings.health,
                   db_url=settings.db_url, broker_online=lambda: ingest.online,
-                  max_body=settings.max_body)
+                  max_body=settings.max_body, hosts=settings.accepted_hosts,
+                  token=settings.api_token)
         runner = web.AppRunner(make_app(api), access_log=None, handle_signals=False)
         await runner.setup()
         try:
@@ -61,6 +62,10 @@ async def serve(settings: RegistrySettings, stop: asyncio.Event) -> None:
             log.info("registry on http://%s:%d, db %s, broker %s:%d", settings.http_host,
                      settings.http_port, db_url_for_humans(settings.db_url),
                      settings.broker_host, settings.broker_port)
+            if not settings.api_token:
+                log.log(logging.WARNING if settings.insecure_no_token else logging.INFO,
+                        "HTTP API without a token (no --api-token-file): whoever reaches"
+                        " %s can change every node's desired state", settings.http_address)
             async with asyncio.TaskGroup() as tg:
                 ingesting = tg.create_task(ingest.run())
                 resending = tg.create_task(publisher.run())

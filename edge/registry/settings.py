@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 from dataclasses import dataclass, field
@@ -10,11 +11,15 @@ from urllib.parse import urlsplit, urlunsplit
 
 from edge.registry.health import HealthPolicy
 
-__all__ = ["RegistrySettings", "check_prefix", "check_share_group", "db_url_for_humans",
-           "default_db_url", "parse_http"]
+__all__ = ["RegistrySettings", "check_allow_host", "check_prefix", "check_share_group",
+           "db_url_for_humans", "default_db_url", "is_loopback", "parse_http",
+           "read_api_token"]
 
 _PREFIX_JUNK = re.compile(r"[+#\x00-\x1f\x7f-\x9f]")
 _SHARE_GROUP = re.compile(r"[A-Za-z0-9_-]{1,64}")
+_HOST_NAME = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+)(:[0-9]{1,5})?")
+_TOKEN = re.compile(r"[\x21-\x7e]{16,4096}")  # printable ASCII: it goes into a header
+_LOOPBACK_NAMES = ("localhost", "127.0.0.1", "[::1]")
 
 
 def default_db_url() -> str:
@@ -44,6 +49,42 @@ def parse_http(text: str) -> tuple[str, int]:
     if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
         raise ValueError(f"expected HOST:PORT like 127.0.0.1:8080, got {text!r}")
     return host, int(port)
+
+
+def is_loopback(host: str) -> bool:
+    """Whether an --http host is reachable from this machine only."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a name: it may resolve to anything
+
+
+def check_allow_host(name: str) -> str:
+    """An --allow-host NAME or NAME:PORT, lowercased; ValueError when it is not one."""
+    if not _HOST_NAME.fullmatch(name):
+        raise ValueError(f"expected a host name or address like registry.example.com or"
+                         f" registry.example.com:8443, got {name!r}")
+    return name.lower()
+
+
+def read_api_token(path: Path) -> str:
+    """The token: the first line of `path`; ValueError says what is wrong with the file."""
+    try:
+        with path.open("rb") as f:
+            first = f.readline(8192)
+    except OSError as exc:
+        raise ValueError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    try:
+        token = first.decode("ascii").strip()
+    except UnicodeDecodeError:
+        token = "\x00"  # refused below
+    if not _TOKEN.fullmatch(token):
+        raise ValueError(f"{path}: expected the token on its first line, 16 to 4096"
+                         " printable ASCII characters without spaces (make one with"
+                         f" `openssl rand -hex 32 > {path}`)")
+    return token
 
 
 def check_share_group(name: str) -> str:
@@ -93,6 +134,26 @@ class RegistrySettings:
     username: str = ""
     password_file: Path | None = None
     signing_key: Path | None = None  # Ed25519 private key (PEM) signing desired documents
+    # "": no token (loopback only, or insecure_no_token); repr=False keeps it out of logs.
+    api_token: str = field(default="", repr=False)
+    allow_hosts: tuple[str, ...] = ()  # Host names besides the --http address and loopback
+    insecure_no_token: bool = False
+
+    @property
+    def http_address(self) -> str:
+        """HOST:PORT as a Host header or an Origin names it (IPv6 in brackets)."""
+        host = f"[{self.http_host}]" if ":" in self.http_host else self.http_host
+        return f"{host.lower()}:{self.http_port}"
+
+    @property
+    def accepted_hosts(self) -> frozenset[str]:
+        """The Host headers the HTTP API answers (lowercase): the rest may be DNS rebinding."""
+        names = {self.http_address, *(f"{n}:{self.http_port}" for n in _LOOPBACK_NAMES)}
+        for name in self.allow_hosts:
+            names.add(name)
+            if not re.search(r":[0-9]+$", name):
+                names.add(f"{name}:{self.http_port}")
+        return frozenset(names)
 
     def __post_init__(self) -> None:
         check_prefix(self.prefix)
@@ -101,3 +162,10 @@ class RegistrySettings:
             raise ValueError("reconnect: expected 0 < initial <= max")
         if self.batch_max < 1 or self.receive_maximum < 1:
             raise ValueError("batch_max and receive_maximum: expected at least 1")
+        if not self.api_token and not self.insecure_no_token \
+                and not is_loopback(self.http_host):
+            raise ValueError(
+                f"--http {self.http_address} without --api-token-file: anyone who reaches"
+                " the port could change every node's desired state; give --api-token-file"
+                " FILE (its first line is the token), or --insecure-no-token to run without"
+                " one anyway")

@@ -18,6 +18,7 @@ from typing import IO, Any
 
 from edge import __version__
 from edge.api import ApiServer, Stream
+from edge.bootcount import next_boot
 from edge.clock import ClockSync
 from edge.desired import DesiredState
 from edge.discovery import Discovery
@@ -132,6 +133,9 @@ class Agent:
         """Run until SIGTERM/SIGINT or `stop()`; shut down in order."""
         self._lock_data_dir()
         try:
+            # Stored before the uplink connects: its status documents and its Will carry it.
+            self.uplink.bootn = await asyncio.to_thread(
+                next_boot, self.settings.node.data_dir / "boot-count", self._clock)
             await self.outbox.open()
             await self.inbox.open()
             await self._read_facts()

@@ -243,11 +243,12 @@ class Status:
 
     online: bool
     ts: float
-    boot: float
+    boot: float                # the wall-clock start, for people
     conn: int                  # the connection number within this boot
     heartbeat: float | None    # seconds between heartbeats, when the node says
     queue_depth: int | None
     oldest_age: float | None
+    bootn: int | None = None   # the boot number (edge/bootcount.py); None from older agents
 
 
 def parse_status(doc: Mapping[Any, Any]) -> Status:
@@ -270,6 +271,10 @@ def parse_status(doc: Mapping[Any, Any]) -> Status:
     conn = doc.get("conn", 0)
     if isinstance(conn, bool) or not isinstance(conn, int) or conn < 0:
         raise DocumentError(f"{what}: conn: expected an integer from 0, got {_show(conn)}")
+    bootn = doc.get("bootn")
+    if bootn is not None and (isinstance(bootn, bool) or not isinstance(bootn, int)
+                              or not 0 <= bootn < 2**53):
+        raise DocumentError(f"{what}: bootn: expected an integer from 0, got {_show(bootn)}")
     queue = doc.get("queue") or {}
     if not isinstance(queue, Mapping):
         raise DocumentError(f"{what}: queue: expected a map, got {_show(queue)}")
@@ -282,14 +287,19 @@ def parse_status(doc: Mapping[Any, Any]) -> Status:
     return Status(
         online=state == "online", ts=numbers["ts"] or 0.0, boot=numbers["boot"] or 0.0,
         conn=conn, heartbeat=numbers["heartbeat"], queue_depth=depth,
-        oldest_age=None if age is None else float(age),
+        oldest_age=None if age is None else float(age), bootn=bootn,
     )
 
 
 def status_order(status: Status) -> tuple[float, int, int, float]:
     """Sort key: a status with a greater key is newer.
 
+    Boots are ordered by `bootn`, which only grows across restarts whatever the
+    clock (edge/bootcount.py); a status from an older agent without it by `boot`
+    in milliseconds, the scale of `bootn`, which starts at least at the clock in
+    milliseconds: an agent upgraded in place moves forward, in a mixed fleet too.
     The Last Will is built when a connection starts, so its `ts` is older than the
     heartbeats it ends: within one boot and connection, offline comes last.
     """
-    return (status.boot, status.conn, int(not status.online), status.ts)
+    boot = float(status.bootn) if status.bootn is not None else status.boot * 1000.0
+    return (boot, status.conn, int(not status.online), status.ts)

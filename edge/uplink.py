@@ -80,6 +80,7 @@ class Uplink:
         self.node = node
         self.outbox = outbox
         self.boot = boot
+        self.bootn: int | None = None  # the boot number (edge/bootcount.py), set before run()
         self._clock = clock
         self.base = f"{settings.prefix}/nodes/{node}"
         self._state = "offline"
@@ -117,6 +118,8 @@ class Uplink:
             "state": state, "ts": self._clock(), "boot": self.boot, "conn": conn,
             "heartbeat": self.settings.heartbeat,
         }
+        if self.bootn is not None:  # what the registry orders by; boot is for people
+            doc["bootn"] = self.bootn
         if queue is not None:
             doc["queue"] = {"depth": queue.depth, "oldest_age": queue.oldest_age}
         return bytes(cbor2.dumps(doc))

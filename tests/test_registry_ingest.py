@@ -9,7 +9,7 @@ from typing import Any
 import cbor2
 import pytest
 
-from tests.conftest import RegistryFactory
+from tests.conftest import AgentFactory, RegistryFactory
 from tests.support.broker import Broker
 from tests.support.mqttclient import connect, make_client, new_client_id
 from tests.support.net import wait_until
@@ -234,6 +234,34 @@ def test_registry_on_an_empty_database_rebuilds_its_view_from_retained_messages(
     assert detail is not None
     assert detail["desired"]["services"] == {"web": {"command": ["sleep", "60"]}}
     assert detail["desired_published"] is True
+
+
+
+def test_a_registry_restart_does_not_move_last_seen_of_a_node_that_is_gone(
+    cloud: Broker, registry_factory: RegistryFactory, agent_factory: AgentFactory,
+    db_url: str, tmp_path: Path,
+) -> None:
+    first = registry_factory(cloud, db_url)
+    agent = agent_factory(cloud, node_id="gone", overrides={"state": {"debounce": "0.2s"}})
+    wait_node(first, "gone", "healthy", lambda n: n["health"] == "healthy"
+              and n["reported_version"])
+    agent.kill9()
+    killed_at = time.time()
+    wait_node(first, "gone", "offline", lambda n: n["health"] == "offline")
+    before = first.nodes()["gone"]["last_seen"]
+    assert before <= killed_at
+    first.stop()
+    time.sleep(1.5)
+
+    # The same database: the retained documents come again, and say nothing new.
+    again = registry_factory(cloud, db_url)
+    wait_until(lambda: again.get("/api/v1/stats")["documents"] >= 2, 10,
+               what="the retained status and reported documents read")
+    assert again.nodes()["gone"]["last_seen"] == before
+    # An empty database: the node is first heard of now, but it last spoke before the kill.
+    fresh = registry_factory(cloud, f"sqlite://{tmp_path / 'fresh.db'}")
+    wait_node(fresh, "gone", "rebuilt", lambda n: n["reported_version"])
+    assert fresh.nodes()["gone"]["last_seen"] <= killed_at
 
 
 async def test_a_long_write_queue_pauses_reading_and_loses_nothing(

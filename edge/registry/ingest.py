@@ -251,7 +251,8 @@ class Ingest:
             where = parse_topic(msg.topic, self.settings.prefix)
             if where is None or not msg.payload:
                 continue  # not a document topic, or a retained document being cleared
-            row = to_row(where[0], where[1], msg.payload, seen, keys=self._desired_keys)
+            row = to_row(where[0], where[1], msg.payload, seen, keys=self._desired_keys,
+                         retained=msg.retain)
             if isinstance(row, Rejected):
                 reject(row.kind, row.reason)
                 continue

@@ -46,7 +46,7 @@ _LIMITS = {"status": MAX_STATUS_BYTES, "reported": MAX_REPORTED_BYTES,
 
 @dataclass(frozen=True, slots=True)
 class StatusRow:
-    """A node's status: ordered by `order` (boot, conn, offline after online, ts)."""
+    """A node's status: ordered by `order` (boot number, conn, offline after online, ts)."""
 
     node: str
     seen: float | None  # None for an offline status: the broker's Last Will, perhaps
@@ -130,8 +130,13 @@ def _json(value: Any) -> str:
 
 
 def to_row(node: str, kind: str, payload: bytes, seen: float, *,
-           keys: Keyring | None = None) -> Row | Rejected:
+           keys: Keyring | None = None, retained: bool = False) -> Row | Rejected:
     """Decode and check one document of `node`; never raises for bad input.
+
+    `seen`: when it arrived. A `retained` document arrives again at every
+    connection of the registry, long after the node said it: it is seen at its
+    own `ts`, not in the future, so it never moves `last_seen` past when the node
+    last spoke (the store keeps the greater of the stored and this).
 
     `keys`: the registry signs its desired documents, and takes from the broker only
     those it signed (a forged one stored here would go out signed at the next resend).
@@ -140,6 +145,8 @@ def to_row(node: str, kind: str, payload: bytes, seen: float, *,
         doc = decode_document(payload, _LIMITS[kind], kind)
         if kind == "status":
             status = parse_status(doc)
+            if retained:
+                seen = _said_at(status.ts, seen)
             return StatusRow(node, seen if status.online else None, status_order(status),
                              status.heartbeat,
                              status.queue_depth, status.oldest_age, payload)
@@ -148,6 +155,8 @@ def to_row(node: str, kind: str, payload: bytes, seen: float, *,
                 return Rejected("spoofed", f"reported: node {doc.get('node')!r} published on"
                                            f" the topic of node {node!r}")
             version = check_reported(doc, node)
+            if retained:
+                seen = _said_at(doc["ts"], seen)
             return _reported(node, seen, version, doc, payload)
         if is_signed(doc):
             signed = unwrap(doc)
@@ -166,6 +175,11 @@ def to_row(node: str, kind: str, payload: bytes, seen: float, *,
         return Rejected("invalid", f"node {node}: {exc}")
     except Exception as exc:  # a document must never take the ingest down
         return Rejected("invalid", f"node {node}: {kind}: {exc!r}")
+
+
+def _said_at(ts: float, received: float) -> float:
+    """When a retained document was said: its `ts`, but not after it arrived."""
+    return max(0.0, min(float(ts), received))
 
 
 def _reported(node: str, seen: float, version: int, doc: Mapping[Any, Any],

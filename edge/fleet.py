@@ -272,6 +272,14 @@ def _configured_registry(path: Path, must_exist: bool) -> str | None:
     return url or None
 
 
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    """Answer a redirect as the error it is: urllib would send the token along to its target."""
+
+    def redirect_request(self, req: urllib.request.Request, fp: Any, code: int, msg: str,
+                         headers: Any, newurl: str) -> None:
+        return None
+
+
 class _Registry:
     """The registry's HTTP API: JSON in, JSON out, its errors as `_Failed`."""
 
@@ -279,6 +287,8 @@ class _Registry:
         self.url = url
         self.timeout = timeout
         self._token = token
+        self._open = (urllib.request.urlopen if token is None
+                      else urllib.request.build_opener(_NoRedirect).open)
 
     def request(self, method: str, path: str, body: Any = None) -> Any:
         data = None if body is None else json.dumps(body).encode()
@@ -289,7 +299,7 @@ class _Registry:
         if data is not None:
             req.add_header("Content-Type", "application/json")
         try:
-            with urllib.request.urlopen(req, timeout=self.timeout) as response:
+            with self._open(req, timeout=self.timeout) as response:
                 raw = response.read()
         except urllib.error.HTTPError as exc:
             raise self._refused(exc, method, path) from None

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import http.server
 import json
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -281,3 +283,42 @@ def test_without_the_token_fleet_says_how_to_give_it(
     assert "not-the-token" not in done.stderr
     missing = fleet("ls", "--registry", reg.url, "--token-file", str(tmp_path / "none"))
     assert missing.returncode == 2 and "cannot read" in missing.stderr
+
+
+def test_the_token_never_follows_a_redirect(tmp_path: Path) -> None:
+    seen: list[str | None] = []
+
+    class Target(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            seen.append(self.headers.get("Authorization"))
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(b'{"nodes": []}')
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    target = http.server.HTTPServer(("127.0.0.1", 0), Target)
+
+    class Redirect(Target):
+        def do_GET(self) -> None:
+            self.send_response(302)
+            self.send_header("Location", f"http://127.0.0.1:{target.server_port}/api/v1/nodes")
+            self.end_headers()
+
+    redirect = http.server.HTTPServer(("127.0.0.1", 0), Redirect)
+    threads = [threading.Thread(target=s.serve_forever, daemon=True) for s in (target,
+                                                                                redirect)]
+    for thread in threads:
+        thread.start()
+    token = tmp_path / "token"
+    token.write_text(TOKEN)
+    try:
+        done = fleet("ls", "--registry", f"http://127.0.0.1:{redirect.server_port}",
+                     "--token-file", str(token))
+    finally:
+        for server in (target, redirect):
+            server.shutdown()
+            server.server_close()
+    assert done.returncode == 1 and "HTTP 302" in done.stderr
+    assert seen == []

@@ -470,6 +470,7 @@ _SECTIONS: dict[str, dict[str, Parser]] = {
     },
     "fleet": {
         "registry": _http_url,
+        "token_file": _optional_path,
     },
     "discovery": {
         "enabled": _boolean,

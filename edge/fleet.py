@@ -57,7 +57,7 @@ def add_fleet_parser(sub: Any) -> None:
                         help=f"config file (default {_DEFAULT_CONFIG})")
     common.add_argument("--token-file", type=Path, metavar="FILE", default=argparse.SUPPRESS,
                         help="the registry's API token is the first line of FILE (default:"
-                        " $EDGE_REGISTRY_TOKEN_FILE, else none)")
+                        " $EDGE_REGISTRY_TOKEN_FILE, else [fleet] token_file, else none)")
     common.add_argument("--timeout", type=_seconds, metavar="SECONDS", default=argparse.SUPPRESS,
                         help="give up when the registry does not answer within this"
                         " (default 10)")
@@ -229,6 +229,14 @@ def _token(args: argparse.Namespace) -> tuple[str, str] | None:
     if path is None and os.environ.get("EDGE_REGISTRY_TOKEN_FILE"):
         path, source = Path(os.environ["EDGE_REGISTRY_TOKEN_FILE"]), "EDGE_REGISTRY_TOKEN_FILE"
     if path is None:
+        config = getattr(args, "config", None) or _DEFAULT_CONFIG
+        configured = _configured_fleet(config, must_exist=False).get("token_file")
+        if configured is not None and (not isinstance(configured, str) or not configured):
+            raise _Failed(f"config {config}: [fleet] token_file: expected a path, got"
+                          f" {configured!r}", _EXIT_USAGE)
+        if configured:
+            path, source = Path(configured), f"[fleet] token_file of {config}"
+    if path is None:
         return None
     try:
         with path.open("rb") as f:
@@ -247,17 +255,26 @@ def _token(args: argparse.Namespace) -> tuple[str, str] | None:
 
 
 def _configured_registry(path: Path, must_exist: bool) -> str | None:
+    url = _configured_fleet(path, must_exist).get("registry")
+    if url is not None and not isinstance(url, str):
+        raise _Failed(f"config {path}: [fleet] registry: expected a URL like"
+                      f" {DEFAULT_REGISTRY!r}, got {url!r}", _EXIT_USAGE)
+    return url or None
+
+
+def _configured_fleet(path: Path, must_exist: bool) -> dict[str, Any]:
+    """The [fleet] table of the config file; {} when there is none (or it is root's only)."""
     try:
         with path.open("rb") as f:
             document = tomllib.load(f)
     except FileNotFoundError:
         if must_exist:
             raise _Failed(f"config {path}: no such file", _EXIT_USAGE) from None
-        return None
+        return {}
     except PermissionError:
         if must_exist:
             raise _Failed(f"config {path}: permission denied", _EXIT_USAGE) from None
-        return None  # a config only root may read: the other defaults still apply
+        return {}  # a config only root may read: the other defaults still apply
     except (OSError, UnicodeDecodeError) as exc:
         raise _Failed(f"config {path}: cannot read: {exc}", _EXIT_USAGE) from exc
     except tomllib.TOMLDecodeError as exc:
@@ -265,11 +282,7 @@ def _configured_registry(path: Path, must_exist: bool) -> str | None:
     fleet = document.get("fleet", {})
     if not isinstance(fleet, dict):
         raise _Failed(f"config {path}: [fleet]: expected a table", _EXIT_USAGE)
-    url = fleet.get("registry")
-    if url is not None and not isinstance(url, str):
-        raise _Failed(f"config {path}: [fleet] registry: expected a URL like"
-                      f" {DEFAULT_REGISTRY!r}, got {url!r}", _EXIT_USAGE)
-    return url or None
+    return fleet
 
 
 class _NoRedirect(urllib.request.HTTPRedirectHandler):
@@ -325,8 +338,9 @@ class _Registry:
         if exc.code == 401:
             if self._token is None:
                 return _Failed(f"registry {self.url} needs its API token: give the file it is"
-                               " in (its first line) with --token-file FILE or"
-                               " $EDGE_REGISTRY_TOKEN_FILE", _EXIT_USAGE)
+                               " in (its first line) with --token-file FILE,"
+                               " $EDGE_REGISTRY_TOKEN_FILE or [fleet] token_file",
+                               _EXIT_USAGE)
             return _Failed(f"registry {self.url} refused the API token of {self._token[1]}:"
                            f" {_cell(message or 'unauthorized', 200)}; is it the registry's"
                            " --api-token-file?", _EXIT_USAGE)

@@ -117,6 +117,7 @@ class StateSettings:
 @dataclass(frozen=True)
 class FleetSettings:
     registry: str = "http://127.0.0.1:8080"  # the registry's HTTP API, for `edge fleet`
+    token_file: Path | None = None     # its API token: the file's first line
 
 
 @dataclass(frozen=True)

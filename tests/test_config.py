@@ -104,6 +104,7 @@ desired_keys = ["/etc/edge/registry-2026.pub", "/etc/edge/registry-2027.pub"]
 
 [fleet]
 registry = "https://registry.example.com:8443/"
+token_file = "/etc/edge/registry-token"
 """
 
 FULL_SETTINGS = Settings(
@@ -152,7 +153,8 @@ FULL_SETTINGS = Settings(
     ),
     state=StateSettings(debounce=0.5, desired_keys=(Path("/etc/edge/registry-2026.pub"),
                                                     Path("/etc/edge/registry-2027.pub"))),
-    fleet=FleetSettings(registry="https://registry.example.com:8443"),
+    fleet=FleetSettings(registry="https://registry.example.com:8443",
+                        token_file=Path("/etc/edge/registry-token")),
 )
 
 SECTIONS = {
@@ -780,7 +782,15 @@ def run_cli(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_cli_config_check_accepts_a_valid_file(tmp_path: Path) -> None:
-    path = write(tmp_path, FULL)
+    # config check also loads the keys and looks up the group: give it real ones.
+    from edge.signing import generate_key
+
+    generate_key(tmp_path / "registry.key")
+    text = FULL.replace('group = "edge-users"\n', "").replace(
+        'desired_keys = ["/etc/edge/registry-2026.pub", "/etc/edge/registry-2027.pub"]',
+        f'desired_keys = ["{tmp_path / "registry.key.pub"}"]')
+    assert text != FULL
+    path = write(tmp_path, text)
     result = run_cli(tmp_path, "config", "check", str(path))
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip()

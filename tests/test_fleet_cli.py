@@ -264,6 +264,10 @@ def test_ls_with_a_token_file_reads_a_registry_with_a_token(
     put = fleet("desired", "n1", str(document), "--registry", reg.url, "--token-file",
                 str(token))
     assert put.returncode == 0 and "n1: desired version" in put.stdout, put.stderr
+    config = tmp_path / "agent.toml"
+    config.write_text(f'[fleet]\nregistry = "{reg.url}"\ntoken_file = "{token}"\n')
+    by_config = fleet("ls", "--config", str(config))
+    assert by_config.returncode == 0, by_config.stderr
 
 
 def test_without_the_token_fleet_says_how_to_give_it(
@@ -274,7 +278,7 @@ def test_without_the_token_fleet_says_how_to_give_it(
     assert done.returncode == 2
     assert done.stderr.strip() == (
         f"edge: registry {reg.url} needs its API token: give the file it is in (its first"
-        " line) with --token-file FILE or $EDGE_REGISTRY_TOKEN_FILE")
+        " line) with --token-file FILE, $EDGE_REGISTRY_TOKEN_FILE or [fleet] token_file")
     wrong = tmp_path / "wrong"
     wrong.write_text("not-the-token-0123456789\n")
     done = fleet("ls", "--registry", reg.url, "--token-file", str(wrong))

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from edge.documents import encode
+from edge.numberfile import read_number, write_number
 
 __all__ = ["Reporter"]
 
@@ -59,7 +60,7 @@ class Reporter:
 
     async def run(self) -> None:
         """Publish on connect and on change until cancelled."""
-        self.version = await asyncio.to_thread(_read_version, self.path)
+        self.version = await asyncio.to_thread(read_number, self.path, "the reported version")
         while True:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self._debounce):
@@ -75,7 +76,7 @@ class Reporter:
         doc = await self._build()
         version = max(self.version + 1, int(self._clock() * 1000))
         try:
-            await asyncio.to_thread(_write_version, self.path, version)
+            await asyncio.to_thread(write_number, self.path, version)
         except OSError as exc:
             # Publishing on would risk a version that a restart hands out again.
             if not self._store_failing:
@@ -94,18 +95,3 @@ class Reporter:
         self.last_ts = doc.get("ts")
         return True
 
-
-def _read_version(path: Path) -> int:
-    try:
-        return int(path.read_text().strip() or 0)
-    except FileNotFoundError:
-        return 0
-    except (OSError, ValueError) as exc:
-        log.warning("cannot read %s (%s): the reported version starts from the clock", path, exc)
-        return 0
-
-
-def _write_version(path: Path, version: int) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(f"{version}\n")
-    tmp.replace(path)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import ipaddress
-import json
 import logging
 import os
 import re
@@ -33,6 +32,7 @@ from edge.settings import (
 )
 from edge.topics import filters_overlap
 from edge.units import integer_in, parse_duration, parse_size
+from edge.units import show as _show
 
 __all__ = [
     "DEFAULT_CONFIG",
@@ -186,14 +186,6 @@ def _check_brokers(settings: Settings, source: str) -> None:
 
 
 # -- value parsers -----------------------------------------------------------
-
-
-def _show(value: object) -> str:
-    # JSON quoting keeps a message on one line even when the value holds a newline.
-    try:
-        return json.dumps(value, ensure_ascii=False, default=str)
-    except (TypeError, ValueError, RecursionError):  # keys JSON cannot have; a deep value
-        return repr(value)[:200]
 
 
 def _text(value: Any) -> str:

@@ -25,7 +25,6 @@ import logging
 import secrets
 import socket
 import time
-from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
@@ -61,6 +60,7 @@ from zeroconf.const import (
 
 from edge.interfaces import Interface, host_token, read_interfaces
 from edge.peers import MAX_PEERS, PeerTable, format_address, parse_txt
+from edge.rejections import Rejections
 from edge.settings import DiscoverySettings
 
 __all__ = ["API_VERSION", "SERVICE_TYPE", "Discovery"]
@@ -69,7 +69,6 @@ log = logging.getLogger("edge.discovery")
 
 SERVICE_TYPE = "_edge-agent._tcp.local."
 API_VERSION = "1"
-_REJECT_LOG_EVERY = 60.0  # seconds between log lines about one kind of bad record
 _MDNS_PORT = 5353
 _TICK = 0.5  # seconds between liveness and TXT checks
 _BROWSE_AT = (0.0, 1.0, 3.0)  # seconds after start: PTR queries for peers already up
@@ -118,9 +117,7 @@ class Discovery:
         self._uplink_state = uplink_state
         self._clock = clock
         self.table = PeerTable(wall=clock)
-        self.rejected: Counter[str] = Counter()
-        self._logged_at: dict[str, float] = {}  # kind -> when a rejection was last logged
-        self._unlogged: dict[str, int] = {}  # kind -> counted since
+        self._rejections = Rejections(log, "discovery record")
         self.state = "disabled" if not settings.enabled else "starting"
         self.reason: str | None = None if settings.enabled else "[discovery] enabled = false"
         self.instance: str | None = None
@@ -654,16 +651,14 @@ class Discovery:
 
     def _reject(self, instance: str, kind: str, what: str, *, exc_info: bool = False) -> None:
         """Count it; log it once a minute per kind (a LAN of bad peers is no log storm)."""
-        self.rejected[kind] += 1
-        self._unlogged[kind] = self._unlogged.get(kind, 0) + 1
-        now = time.monotonic()
-        if now - self._logged_at.get(kind, -_REJECT_LOG_EVERY) >= _REJECT_LOG_EVERY:
-            more = self._unlogged[kind] - 1
-            log.warning("discovery: %s from %r (%s)%s", what, instance, kind,
-                        f"; {more} more since the last report" if more else "",
-                        exc_info=exc_info)
-            self._logged_at[kind] = now
-            self._unlogged[kind] = 0
+        if exc_info:
+            log.debug("discovery: %s from %r", what, instance, exc_info=True)
+        self._rejections(kind, f"{what} from {instance!r}")
+
+    @property
+    def rejected(self) -> dict[str, int]:
+        """Rejected records by kind, since start."""
+        return self._rejections.counts
 
     # ---- our own addresses -----------------------------------------------------------
 

@@ -6,7 +6,6 @@ and what it may use. The supervisor (edge/supervisor.py) acts on it.
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -16,6 +15,7 @@ from urllib.parse import urlsplit
 
 from edge.errors import ConfigError, EdgeError
 from edge.units import integer_in, parse_duration, parse_size
+from edge.units import show as _show
 
 __all__ = ["RESTART_POLICIES", "HealthSpec", "ServiceError", "ServiceSpec", "check_dependencies",
            "parse_services"]
@@ -154,14 +154,6 @@ def parse_services(
 # -- value parsers: raw TOML value -> spec value, or ValueError("expected ..., got ...") ----
 
 Parser = Callable[[Any], Any]
-
-
-def _show(value: object) -> str:
-    # JSON quoting keeps a message on one line even when the value holds a newline.
-    try:
-        return json.dumps(value, ensure_ascii=False, default=str)
-    except (TypeError, ValueError, RecursionError):  # keys JSON cannot have; a deep value
-        return repr(value)[:200]
 
 
 def _one_of(options: tuple[str, ...]) -> str:

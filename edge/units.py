@@ -8,7 +8,7 @@ import re
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["integer_in", "parse_duration", "parse_size"]
+__all__ = ["integer_in", "parse_duration", "parse_size", "show"]
 
 _SIZE_UNITS = {
     "": 1,
@@ -36,7 +36,7 @@ def integer_in(low: int, high: int) -> Callable[[Any], int]:
 
     def parse(value: Any) -> int:
         if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-            raise ValueError(f"expected an integer from {low} to {high}, got {_show(value)}")
+            raise ValueError(f"expected an integer from {low} to {high}, got {show(value)}")
         return value
 
     return parse
@@ -52,7 +52,7 @@ def parse_size(text: str | int) -> int:
             size = float(match[1]) * _SIZE_UNITS[match[2].lower()]
             if math.isfinite(size):  # "9999...9GiB" is inf, which no int holds
                 return round(size)
-    raise ValueError(f"{_SIZE_EXPECTED}, got {_show(text)}")
+    raise ValueError(f"{_SIZE_EXPECTED}, got {show(text)}")
 
 
 def parse_duration(text: str | float) -> float:
@@ -67,10 +67,11 @@ def parse_duration(text: str | float) -> float:
             seconds = float(match[1]) * _DURATION_UNITS[match[2]]
             if math.isfinite(seconds):
                 return seconds
-    raise ValueError(f"{_DURATION_EXPECTED}, got {_show(text)}")
+    raise ValueError(f"{_DURATION_EXPECTED}, got {show(text)}")
 
 
-def _show(value: object) -> str:
+def show(value: object) -> str:
+    """A value for an error message: JSON-quoted, on one line."""
     # JSON quoting keeps a message on one line even when the value holds a newline.
     try:
         return json.dumps(value, ensure_ascii=False, default=str)

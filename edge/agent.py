@@ -35,7 +35,7 @@ from edge.reconcile import Reconciler
 from edge.reported import Reporter
 from edge.services import ServiceError
 from edge.settings import Settings
-from edge.signing import load_keyring
+from edge.signing import configured_keyring
 from edge.subscribers import Subscribers, validate_filter
 from edge.supervisor import Supervisor
 from edge.telemetry import Telemetry, read_metrics
@@ -96,10 +96,8 @@ class Agent:
         self.facts: dict[str, Any] = {}  # read when run() starts
         self._clock = clock
         self.reconciler = Reconciler(settings, self.supervisor, self.telemetry, self.outbox)
-        try:  # with keys, nothing unverified runs: a key that does not load stops the start
-            keys = load_keyring(settings.state.desired_keys)
-        except ConfigError as exc:
-            raise ConfigError(f"config {settings.source}: [state] desired_keys: {exc}") from exc
+        # With keys, nothing unverified runs: a key that does not load stops the start.
+        keys = configured_keyring(settings.state.desired_keys, settings.source)
         self.desired = DesiredState(data_dir / "desired.cbor", self.reconciler.apply,
                                     node=self.node, keys=keys, clock=clock)
         self.uplink.on_desired = self.desired.receive

@@ -196,12 +196,9 @@ def _config_check(path: Path) -> int:
     settings = load_settings(path, must_exist=True)
     # What `edge run` checks at start besides the file: the keys load, the group exists.
     from edge.api import group_id
-    from edge.signing import load_keyring
+    from edge.signing import configured_keyring
 
-    try:
-        load_keyring(settings.state.desired_keys)
-    except ConfigError as exc:
-        raise ConfigError(f"config {settings.source}: [state] desired_keys: {exc}") from exc
+    configured_keyring(settings.state.desired_keys, settings.source)
     try:
         group_id(settings.api.group)
     except ConfigError as exc:

@@ -14,7 +14,7 @@ from edge.humane import size
 from edge.profiles import Policy
 from edge.settings import Settings
 
-__all__ = ["POLICY_KEYS", "shown", "with_policy"]
+__all__ = ["POLICY_KEYS", "defaults", "shown", "with_policy"]
 
 # A profile's [policy] key -> the settings key ("section.key") it is a default for.
 POLICY_KEYS = {
@@ -24,16 +24,22 @@ POLICY_KEYS = {
 }
 
 
+def defaults(policy: Policy, given: frozenset[str]) -> dict[str, tuple[Any, bool]]:
+    """Each settings key the policy has a value for: (the value, whether it is used).
+
+    It is used unless the config file or a flag set that key (`given`).
+    """
+    return {key: (getattr(policy, name), key not in given)
+            for name, key in POLICY_KEYS.items() if getattr(policy, name) is not None}
+
+
 def with_policy(settings: Settings, policy: Policy) -> tuple[Settings, dict[str, Any]]:
     """(settings with the policy's values where the file and flags set none, those values).
 
     The second item maps each settings key taken from the profile to its value.
     """
-    taken: dict[str, Any] = {}
-    for name, key in POLICY_KEYS.items():
-        value = getattr(policy, name)
-        if value is not None and key not in settings.given:
-            taken[key] = value
+    taken = {key: value for key, (value, in_use) in defaults(policy, settings.given).items()
+             if in_use}
     sections: dict[str, dict[str, Any]] = {}
     for key, value in taken.items():
         section, field = key.split(".")

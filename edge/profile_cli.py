@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from edge.policy import POLICY_KEYS, shown
+from edge.policy import defaults, shown
 from edge.profiles import AUTO, UNKNOWN, Profile, facts_of, resolve
 
 __all__ = ["add_profile_parser"]
@@ -62,13 +62,10 @@ def _configured(path: Path | None) -> tuple[str, frozenset[str], str]:
 
 def _policy(profile: Profile | None, given: frozenset[str], source: str) -> dict[str, Any]:
     """Each policy default of the profile, and whether the config overrides it."""
-    policy: dict[str, Any] = {}
-    for name, key in POLICY_KEYS.items():
-        value = None if profile is None else getattr(profile.policy, name)
-        if value is not None:
-            policy[key] = {"value": value, "in_use": key not in given,
-                           "overridden_by": source if key in given else None}
-    return policy
+    if profile is None:
+        return {}
+    return {key: {"value": value, "in_use": in_use, "overridden_by": None if in_use else source}
+            for key, (value, in_use) in defaults(profile.policy, given).items()}
 
 
 def _table(profile: str, configured: str, facts: dict[str, dict[str, Any]],

@@ -44,6 +44,7 @@ __all__ = [
     "SignatureError",
     "Signed",
     "Signer",
+    "configured_keyring",
     "generate_key",
     "is_signed",
     "key_id",
@@ -222,6 +223,14 @@ def load_public_key(path: Path) -> Ed25519PublicKey:
 def load_keyring(paths: Iterable[Path]) -> Keyring:
     """The public keys from these files; ConfigError names the file that is wrong."""
     return Keyring(load_public_key(path) for path in paths)
+
+
+def configured_keyring(paths: Iterable[Path], source: str) -> Keyring:
+    """`[state] desired_keys` of the config `source`; ConfigError names the key and file."""
+    try:
+        return load_keyring(paths)
+    except ConfigError as exc:
+        raise ConfigError(f"config {source}: [state] desired_keys: {exc}") from exc
 
 
 def public_key_text(key: Ed25519PublicKey) -> str:
